@@ -1,0 +1,42 @@
+# Two entry points: `make tour` (set up, then run the main job on CPU) and
+# `make test` (set up, then run the test suite). Both create .venv from the
+# pinned versions in requirements.lock; `make test-latest` tries the newest
+# releases instead, in .venv-latest.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARGS   ?=
+
+.PHONY: setup tour test test-latest bench lock clean
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+tour: setup
+	JAX_PLATFORMS=cpu $(PY) experiments/score_matching_2d.py $(ARGS)
+
+test: setup
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(ARGS)
+
+test-latest:
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[dev]"
+	JAX_PLATFORMS=cpu .venv-latest/bin/python -m pytest -q $(ARGS)
+
+# Re-pin requirements.lock from the newest releases that satisfy pyproject.toml.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^jsm' > requirements.lock
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) .venv-latest runs .pytest_cache
