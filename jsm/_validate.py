@@ -1,0 +1,103 @@
+"""Boundary checks shared by the public functions.
+
+Every check runs in Python before anything is compiled and raises a
+`ValueError` or `TypeError` that names the argument, what it got and what it
+wants. Checks that need values (finiteness, positivity) run only when the value
+is concrete; under `jit` they are skipped, since the caller was checked already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    """True when `x` holds values now (not a tracer, not an abstract shape)."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return isinstance(x, (np.ndarray, np.generic, jax.Array, float, int, list, tuple))
+
+
+def float_array(name: str, x, *, ndim: int | None = None) -> jax.Array:
+    """`x` as a floating-point array of rank `ndim`, finite where concrete."""
+    if isinstance(x, jax.core.Tracer):
+        arr = x
+    else:
+        try:
+            arr = jnp.asarray(x)
+        except TypeError as e:
+            raise TypeError(f"{name} must be an array of floats, got {type(x).__name__}") from e
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        if jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == bool:
+            arr = arr.astype(jnp.result_type(float))
+        else:
+            raise TypeError(f"{name} must be an array of floats, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        want = {0: "a scalar", 1: "shape (d,)", 2: "shape (n, d)"}.get(ndim, f"rank {ndim}")
+        raise ValueError(f"{name} must have {want}, got shape {tuple(arr.shape)}")
+    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(arr))):
+        n_bad = int(jnp.size(arr) - jnp.sum(jnp.isfinite(arr)))
+        raise ValueError(f"{name} must be finite, got {n_bad} non-finite value(s)")
+    return arr
+
+
+def batch(name: str, xs, *, dim: int | None = None) -> jax.Array:
+    """A non-empty batch of examples, shape (n, d), with d == dim if given."""
+    arr = float_array(name, xs, ndim=2)
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one example, got shape {tuple(arr.shape)}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (n, {dim}), got shape {tuple(arr.shape)}")
+    return arr
+
+
+def positive(name: str, value) -> None:
+    """`value` (a scalar or array) is > 0 wherever it is concrete."""
+    if is_concrete(value):
+        arr = np.asarray(value)
+        if arr.size == 0 or not np.all(np.isfinite(arr)) or not np.all(arr > 0):
+            raise ValueError(f"{name} must be positive and finite, got {value!r}")
+
+
+def positive_int(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def decreasing(name: str, values) -> jax.Array:
+    """A 1-D array of positive, strictly decreasing values (a noise schedule)."""
+    arr = float_array(name, values, ndim=1)
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one value, got an empty array")
+    positive(name, values)
+    if is_concrete(values) and arr.shape[0] > 1 and not bool(jnp.all(jnp.diff(arr) < 0)):
+        raise ValueError(f"{name} must be strictly decreasing, got {np.asarray(arr).tolist()}")
+    return arr
+
+
+def key(name: str, k) -> None:
+    """A PRNG key: a typed key, or a raw uint32 key of shape (2,)."""
+    if isinstance(k, jax.Array) and jnp.issubdtype(k.dtype, jax.dtypes.prng_key):
+        if k.shape != ():
+            raise ValueError(f"{name} must be a single PRNG key, got a key array of shape {k.shape}")
+        return
+    shape = getattr(k, "shape", None)
+    dtype = getattr(k, "dtype", None)
+    if shape != (2,) or dtype != jnp.uint32:
+        raise TypeError(
+            f"{name} must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+            f"got {type(k).__name__} with shape {shape} and dtype {dtype}"
+        )
