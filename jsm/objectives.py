@@ -1,0 +1,168 @@
+"""Score-matching objectives: explicit, implicit, denoising, noise-conditional, sliced.
+
+Each objective has a per-example form, a function of ONE example x of shape
+(d,), and a batch form over xs of shape (n, d) that returns the batch mean of
+the per-example terms. Models enter as a score function s(x) -> (d,) (close
+over the parameters; `jax.grad` with respect to them is then plain `jax.grad`).
+
+The identities behind them (Hyvärinen 2005; Vincent 2011), with C independent of s:
+
+    J_ESM(s)      = 1/2 E_p |s(x) - ∇log p(x)|²
+                  = J_ISM(s) + C,        J_ISM(s) = E_p [1/2 |s(x)|² + tr ∂s/∂x],
+    J_ESM(s; p_σ) = J_DSM(s) + C',       J_DSM(s) = 1/2 E |s(x + ε) + ε/σ²|²,  ε ~ N(0, σ² I),
+
+where C = 1/2 E_p |∇log p|² and C' = 1/2 E_{p_σ} |∇log p_σ|² - d / (2σ²).
+J_ISM needs no knowledge of p but an exact trace, which costs d Jacobian-vector
+products; J_DSM needs neither, but learns the score of the noised p_σ = p * N(0, σ² I).
+
+Convention: DSM's target is -ε/σ² with ε = σ u, u ~ N(0, I). Its variance grows
+like 1/σ² as σ -> 0 (the cross term u·s(x)/σ has mean zero but does not vanish).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jsm import _validate
+from jsm.scores import EXACT_METHODS, divergence
+
+Array = jax.Array
+ScoreFn = Callable[[Array], Array]
+NoiseScoreFn = Callable[[Array, Array], Array]
+
+
+def _batch_mean(per_example: Callable[..., Array], *batched: Array) -> Array:
+    return jnp.mean(jax.vmap(per_example)(*batched))
+
+
+# --- explicit score matching: the true score is known -------------------------
+
+
+def esm_per_example(score_fn: ScoreFn, true_score_fn: ScoreFn, x: Array) -> Array:
+    """1/2 |s(x) - ∇log p(x)|² for one x of shape (d,)."""
+    diff = score_fn(x) - true_score_fn(x)
+    return 0.5 * jnp.dot(diff, diff)
+
+
+def esm(score_fn: ScoreFn, true_score_fn: ScoreFn, xs: Array) -> Array:
+    """Explicit score matching, the Fisher divergence: 1/2 E_p |s(x) - ∇log p(x)|².
+
+    Args:
+      score_fn: s, (d,) -> (d,).
+      true_score_fn: ∇log p, (d,) -> (d,).
+      xs: (n, d) samples of p.
+    """
+    xs = _validate.batch("xs", xs)
+    return _batch_mean(lambda x: esm_per_example(score_fn, true_score_fn, x), xs)
+
+
+# --- implicit score matching: an exact trace instead of the true score ---------
+
+
+def ism_per_example(score_fn: ScoreFn, x: Array, method: str = "jacfwd") -> Array:
+    """1/2 |s(x)|² + tr(∂s/∂x) for one x of shape (d,), the trace exact."""
+    s = score_fn(x)
+    return 0.5 * jnp.dot(s, s) + divergence(score_fn, method)(x)
+
+
+def ism(score_fn: ScoreFn, xs: Array, method: str = "jacfwd") -> Array:
+    """Implicit score matching (Hyvärinen 2005): E_p [1/2 |s(x)|² + tr(∂s/∂x)].
+
+    The trace is exact (`method` in `jsm.scores.EXACT_METHODS`), never estimated.
+    On a finite data set a flexible s can drive this to -∞ by spiking the
+    divergence at the data points: regularise, or prefer `dsm`.
+
+    Args:
+      score_fn: s, (d,) -> (d,).
+      xs: (n, d) samples of p.
+      method: how the exact trace is computed.
+    """
+    xs = _validate.batch("xs", xs)
+    _validate.choice("method", method, EXACT_METHODS)
+    return _batch_mean(lambda x: ism_per_example(score_fn, x, method), xs)
+
+
+# --- denoising score matching: learn the score of p_σ = p * N(0, σ² I) ---------
+
+
+def dsm_per_example(score_fn: ScoreFn, x: Array, eps: Array, sigma: float) -> Array:
+    """1/2 |s(x + ε) + ε/σ²|² for one clean x and its noise ε, both (d,)."""
+    r = score_fn(x + eps) + eps / sigma**2
+    return 0.5 * jnp.dot(r, r)
+
+
+def dsm(score_fn: ScoreFn, key: Array, xs: Array, sigma: float) -> Array:
+    """Denoising score matching (Vincent 2011): 1/2 E |s(x + ε) + ε/σ²|², ε ~ N(0, σ² I).
+
+    Minimised by the score of p_σ = p * N(0, σ² I), not of p. The noise is
+    ε = σ · jax.random.normal(key, xs.shape).
+
+    Args:
+      score_fn: s, (d,) -> (d,).
+      key: PRNG key for the noise.
+      xs: (n, d) clean samples of p.
+      sigma: the noise scale σ > 0.
+    """
+    xs = _validate.batch("xs", xs)
+    _validate.key("key", key)
+    _validate.positive("sigma", sigma)
+    eps = sigma * jax.random.normal(key, xs.shape, xs.dtype)
+    return _batch_mean(lambda x, e: dsm_per_example(score_fn, x, e, sigma), xs, eps)
+
+
+def ncsn_per_example(score_fn: NoiseScoreFn, x: Array, eps: Array, sigma: Array) -> Array:
+    """σ² · 1/2 |s(x + ε, σ) + ε/σ²|² for one x, its noise ε (d,) and its σ ()."""
+    r = score_fn(x + eps, sigma) + eps / sigma**2
+    return 0.5 * sigma**2 * jnp.dot(r, r)
+
+
+def ncsn(score_fn: NoiseScoreFn, key: Array, xs: Array, sigmas: Array) -> Array:
+    """Noise-conditional DSM (Song & Ermon 2019) over a schedule of noise scales.
+
+    1/L Σ_i λ(σ_i) J_DSM(s(·, σ_i); σ_i) with λ(σ) = σ², estimated by drawing one
+    σ uniformly from `sigmas` per example. The weight σ² makes every level's term
+    O(1), since |ε/σ²|² ~ d/σ².
+
+    Args:
+      score_fn: s(x, σ), ((d,), ()) -> (d,).
+      key: PRNG key for the levels and the noise.
+      xs: (n, d) clean samples of p.
+      sigmas: (L,) positive noise scales, conventionally decreasing.
+    """
+    xs = _validate.batch("xs", xs)
+    _validate.key("key", key)
+    sigmas = _validate.float_array("sigmas", sigmas, ndim=1)
+    if sigmas.shape[0] == 0:
+        raise ValueError("sigmas must hold at least one noise scale, got an empty array")
+    _validate.positive("sigmas", sigmas)
+    k_level, k_noise = jax.random.split(key)
+    level = jax.random.randint(k_level, (xs.shape[0],), 0, sigmas.shape[0])
+    sigma = sigmas.astype(xs.dtype)[level]
+    eps = sigma[:, None] * jax.random.normal(k_noise, xs.shape, xs.dtype)
+    return _batch_mean(lambda x, e, s: ncsn_per_example(score_fn, x, e, s), xs, eps, sigma)
+
+
+# --- sliced score matching: random projections of the trace -------------------
+
+
+def ssm_per_example(score_fn: ScoreFn, x: Array, v: Array) -> Array:
+    """1/2 |s(x)|² + mean_j v_j^T (∂s/∂x) v_j for one x (d,) and projections v (m, d)."""
+    s, jvp = jax.linearize(score_fn, x)
+    vjv = jnp.sum(v * jax.vmap(jvp)(v), axis=-1)
+    return 0.5 * jnp.dot(s, s) + jnp.mean(vjv)
+
+
+def ssm(score_fn: ScoreFn, key: Array, xs: Array, n_projections: int = 1) -> Array:
+    """Sliced score matching (Song et al. 2019), the variance-reduced form.
+
+    E_p [1/2 |s(x)|² + E_v v^T (∂s/∂x) v], v ~ N(0, I): an unbiased estimate of
+    J_ISM at the cost of `n_projections` JVPs per example instead of d.
+    """
+    xs = _validate.batch("xs", xs)
+    _validate.key("key", key)
+    n_projections = _validate.positive_int("n_projections", n_projections)
+    v = jax.random.normal(key, (xs.shape[0], n_projections, xs.shape[1]), xs.dtype)
+    return _batch_mean(lambda x, vi: ssm_per_example(score_fn, x, vi), xs, v)
