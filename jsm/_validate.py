@@ -39,8 +39,9 @@ def float_array(name: str, x, *, ndim: int | None = None) -> jax.Array:
     if ndim is not None and arr.ndim != ndim:
         want = {0: "a scalar", 1: "shape (d,)", 2: "shape (n, d)"}.get(ndim, f"rank {ndim}")
         raise ValueError(f"{name} must have {want}, got shape {tuple(arr.shape)}")
-    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(arr))):
-        n_bad = int(jnp.size(arr) - jnp.sum(jnp.isfinite(arr)))
+    # Concrete values are checked with NumPy: jnp ops inside a trace would build tracers.
+    if is_concrete(x) and not np.all(np.isfinite(host := np.asarray(arr))):
+        n_bad = int(host.size - np.sum(np.isfinite(host)))
         raise ValueError(f"{name} must be finite, got {n_bad} non-finite value(s)")
     return arr
 
@@ -83,7 +84,7 @@ def decreasing(name: str, values) -> jax.Array:
     if arr.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one value, got an empty array")
     positive(name, values)
-    if is_concrete(values) and arr.shape[0] > 1 and not bool(jnp.all(jnp.diff(arr) < 0)):
+    if is_concrete(values) and arr.shape[0] > 1 and not np.all(np.diff(np.asarray(arr)) < 0):
         raise ValueError(f"{name} must be strictly decreasing, got {np.asarray(arr).tolist()}")
     return arr
 

@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 from jax.scipy.special import logsumexp
 
@@ -76,8 +77,10 @@ class Gaussian(Target):
             d = self.mean.shape[0]
             if self.cov.shape != (d, d):
                 raise ValueError(f"cov must have shape ({d}, {d}) to match mean, got {self.cov.shape}")
-            if not bool(jnp.all(jnp.isfinite(jnp.linalg.cholesky(self.cov)))):
-                raise ValueError("cov must be symmetric positive definite, its Cholesky factor failed")
+            try:
+                np.linalg.cholesky(np.asarray(self.cov))
+            except np.linalg.LinAlgError:
+                raise ValueError("cov must be symmetric positive definite, its Cholesky factor failed") from None
 
     @property
     def dim(self) -> int:
