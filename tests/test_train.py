@@ -1,0 +1,174 @@
+"""The training loop: exact resume, kill-and-resume, the NaN guard, metrics, bad input."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jsm
+from jsm import nets, objectives, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A small DSM problem: (loss, params, data)."""
+    apply, params = nets.pure(nets.MLPScore(2, (16, 16), rngs=nnx.Rngs(0)))
+    data = jax.random.normal(jax.random.key(1), (200, 2)) * jnp.array([1.0, 0.3])
+    loss = lambda p, k, xs: (objectives.dsm(lambda x: apply(p, x), k, xs, 0.5), {"l2": sum(jnp.sum(w**2) for w in jax.tree.leaves(p))})
+    return loss, params, data
+
+
+def run(problem, workdir, steps, **kw):
+    loss, params, data = problem
+    kw = dict(optimizer=optax.adam(1e-2), key=jax.random.key(0), steps=steps, batch_size=32,
+              workdir=workdir, checkpoint_every=20, log_every=10, progress=False) | kw
+    return jsm.fit(loss, params, data, **kw)
+
+
+def assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_stop_and_resume_equals_uninterrupted(problem, tmp_path):
+    whole = run(problem, tmp_path / "whole", 60)
+    first = run(problem, tmp_path / "parts", 30)
+    assert first.step == 30
+    resumed = run(problem, tmp_path / "parts", 60)
+    assert resumed.step == 60
+    assert_same_params(whole.params, resumed.params)
+    assert_same_params(whole.opt_state, resumed.opt_state)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "wall_s"} for r in h]
+    assert strip(whole.history) == strip(resumed.history)
+    rows = [json.loads(l) for l in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert all({"step", "loss", "l2"} <= set(r) for r in rows)
+    # Without a workdir the same run gives the same parameters.
+    assert_same_params(run(problem, None, 60).params, whole.params)
+
+
+def test_interrupted_save_is_ignored_and_cleaned(problem, tmp_path):
+    run(problem, tmp_path, 40)
+    ckpts = tmp_path / "checkpoints"
+    # What a kill during the save of step 60 leaves behind: a temporary directory.
+    partial = ckpts / "60.orbax-checkpoint-tmp-1764100000000"
+    shutil.copytree(ckpts / "40", partial)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 50, "loss": 1.0}\n{"step": 6')  # logged after the last checkpoint, cut mid-line
+    resumed = run(problem, tmp_path, 60)
+    assert not partial.exists()
+    assert_same_params(resumed.params, run(problem, tmp_path / "fresh", 60).params)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+
+
+def test_typed_and_raw_keys_restore_exactly(problem, tmp_path):
+    raw = jax.random.PRNGKey(3)
+    a = run(problem, tmp_path / "raw", 20, key=raw)
+    b = run(problem, tmp_path / "raw", 40, key=raw)
+    c = run(problem, None, 40, key=raw)
+    assert_same_params(b.params, c.params)
+    state = train.TrainState(jnp.int32(0), a.params, a.opt_state, jax.random.key(3))
+    restored = train.restore_latest(tmp_path / "raw" / "checkpoints", state._replace(key=raw))
+    assert int(restored.step) == 40 and restored.key.dtype == jnp.uint32
+    np.testing.assert_array_equal(restored.key, raw)
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # SGD on log(p) from p = 1 with rate 0.3: p = 0.7, 0.271, -0.836, then log(p) is NaN at step 4.
+    loss = lambda p, k, xs: jnp.log(p["p"])
+    data = jnp.zeros((4, 1))
+    with pytest.raises(train.NonFiniteError, match=r"non-finite at step 4.*checkpoints/2 \(step 2\).*learning rate") as err:
+        jsm.fit(loss, {"p": jnp.float32(1.0)}, data, optimizer=optax.sgd(0.3), key=jax.random.key(0),
+                steps=10, batch_size=4, workdir=tmp_path, checkpoint_every=2, log_every=1, progress=False)
+    assert err.value.step == 4 and err.value.checkpoint_step == 2
+    np.testing.assert_allclose(err.value.state.params["p"], 0.7 - 0.3 / 0.7 - 0.3 / (0.7 - 0.3 / 0.7), rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(batch_size=500), ValueError, "batch_size must be <= the number of examples 200, got 500"),
+        (dict(steps=-1), ValueError, "steps must be an int >= 0, got -1"),
+        (dict(log_every=0), ValueError, "log_every must be an int >= 1"),
+        (dict(optimizer=lambda g: g), TypeError, "optimizer must be an optax GradientTransformation"),
+        (dict(key=7), TypeError, "key must be a PRNG key"),
+    ],
+)
+def test_bad_arguments_raise(problem, kw, error, match):
+    with pytest.raises(error, match=match):
+        run(problem, None, **({"steps": 10} | kw))
+
+
+def test_non_finite_data_is_refused(problem):
+    loss, params, data = problem
+    bad = data.at[3, 1].set(jnp.inf)
+    with pytest.raises(ValueError, match="data must be finite, got 1 non-finite"):
+        jsm.fit(loss, params, bad, optimizer=optax.adam(1e-3), key=jax.random.key(0), steps=5, batch_size=8)
+
+
+# --- the whole experiment, killed with SIGKILL at random moments ------------------
+
+SMALL = ["--steps", "300", "--checkpoint-every", "30", "--log-every", "15", "--hidden", "32,32",
+         "--n-train", "2000", "--n-test", "500", "--n-chains", "64", "--langevin-steps", "10", "--no-progress"]
+
+
+def _command(workdir):
+    return [sys.executable, str(ROOT / "experiments" / "score_matching_2d.py"), "--workdir", str(workdir), *SMALL]
+
+
+def _finalised_steps(workdir):
+    ckpts = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+
+
+@pytest.mark.slow
+def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
+    # A persistent compilation cache shared by the runs: each restart skips the compiles.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    subprocess.run(_command(tmp_path / "whole"), check=True, env=env, capture_output=True)
+
+    rng, kills = random.Random(0), 0
+    while kills < 3:
+        proc = subprocess.Popen(_command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = len(_finalised_steps(tmp_path / "killed"))
+        deadline = time.time() + 120
+        while len(_finalised_steps(tmp_path / "killed")) <= before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the next chunk, or in the middle of a save
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills >= 2
+    subprocess.run(_command(tmp_path / "killed"), check=True, env=env, capture_output=True)
+
+    whole, killed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
+    assert whole == killed
+    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
+    assert losses("whole") == losses("killed")
+    apply, params = nets.pure(nets.MLPScore(2, (32, 32), rngs=nnx.Rngs(0)))
+    like = train.TrainState(jnp.int32(0), params, optax.adam(1e-3).init(params), jax.random.key(0))
+    a, b = (train.restore_latest(tmp_path / d / "checkpoints", like) for d in ("whole", "killed"))
+    assert int(a.step) == int(b.step) == 300
+    assert_same_params(a.params, b.params)
+    assert_same_params(a.opt_state, b.opt_state)
