@@ -1,0 +1,133 @@
+"""Langevin kernels and the chain loop, checked by statistics with bounds from the ESS."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jsm import samplers as S, targets
+
+
+@pytest.fixture(scope="module")
+def gauss():
+    return targets.Gaussian(jnp.array([1.0, -1.0]), jnp.array([[1.0, 0.6], [0.6, 2.0]]))
+
+
+@pytest.fixture(scope="module")
+def mala_kernel(gauss):
+    return S.mala(gauss.log_prob, 0.6)  # built once: every seed reuses one compiled loop
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mala_moments_within_ess_bounds(gauss, mala_kernel, seed):
+    key = jax.random.key(seed)
+    x0 = gauss.sample(jax.random.fold_in(key, 1), 16)  # 16 chains started in the stationary law
+    _, trace, info = S.run_chains(mala_kernel, key, x0, 2000, thin=1)
+    assert 0.4 < float(info.acceptance_rate.mean()) < 0.95 and int(info.n_nonfinite.sum()) == 0
+    trace = np.asarray(trace[200:])
+    m, var = np.asarray(gauss.mean), np.diag(np.asarray(gauss.cov))
+    ess = np.asarray(S.effective_sample_size(trace))
+    assert np.all(ess > 1000)
+    np.testing.assert_array_less(np.abs(trace.mean((0, 1)) - m), 5 * np.sqrt(var / ess))
+    # Second moments: z-test on (x - m)^2, with its own ESS and spread.
+    sq = (trace - m) ** 2
+    ess_sq = np.asarray(S.effective_sample_size(sq))
+    np.testing.assert_array_less(np.abs(sq.mean((0, 1)) - var), 5 * sq.std((0, 1)) / np.sqrt(ess_sq))
+    assert np.all(np.asarray(S.split_rhat(trace)) < 1.02)
+
+
+@pytest.mark.numerics
+def test_ula_bias_shrinks_with_step_size_as_the_closed_form_says():
+    """ULA on N(0, I): x' = (1 - a) x + sqrt(2a) u has stationary variance 1 / (1 - a/2).
+
+    The bias a / (2 - a) = O(a) vanishes as a -> 0 (and steps -> ∞), measured at four steps.
+    """
+    std_normal = targets.Gaussian(jnp.zeros(2), jnp.eye(2))
+    key = jax.random.key(0)
+    x0 = jax.random.normal(key, (4096, 2))
+    biases = []
+    for a in (0.4, 0.2, 0.1, 0.05):
+        final, _, _ = S.run_chains(S.ula(std_normal.score, a), key, x0, int(10 / a))
+        xs = np.asarray(final.position, np.float64)
+        var, se = xs.var(), xs.var() * np.sqrt(2 / xs.size)  # the SE of a Gaussian sample variance
+        assert abs(var - 1 / (1 - a / 2)) < 5 * se, (a, var)
+        biases.append(var - 1)
+    assert biases[0] > 0.15 and all(b1 > b2 for b1, b2 in zip(biases, biases[1:]))
+
+
+@pytest.mark.numerics
+def test_annealed_langevin_recovers_mixture_weights_plain_langevin_misses():
+    mix = targets.GaussianMixture(jnp.array([[-4.0, 0.0], [4.0, 0.0]]), jnp.array([0.5, 0.5]), jnp.array([0.8, 0.2]))
+    key = jax.random.key(1)
+    x0 = jax.random.uniform(key, (2000, 2), minval=-8, maxval=8)  # half the chains start near each mode
+    left = lambda xs: float(jnp.mean(xs[:, 0] < 0))
+
+    plain, _, _ = S.run_chains(S.ula(mix.score, 0.05), key, x0, 1000)
+    sigmas = jnp.geomspace(10.0, 0.1, 10)
+    noised_score = lambda x, sigma: mix.noised(sigma).score(x)
+    annealed, _, _ = S.run_chains(S.annealed_langevin(noised_score, sigmas, 100, 2e-3), key, x0, 1000)
+
+    se = np.sqrt(0.8 * 0.2 / 2000)
+    assert abs(left(plain.position) - 0.8) > 20 * se  # stuck where the chains started: about 1/2
+    assert abs(left(annealed.position) - 0.8) < 5 * se + 0.02  # + the schedule's finite-step bias
+    assert int(annealed.t[0]) == 1000
+
+
+def test_mala_rejects_non_finite_proposals_and_counts_them():
+    log_prob = lambda x: jnp.where(x[0] > 0.0, jnp.nan, -0.5 * jnp.dot(x, x))
+    final, trace, info = S.run_chains(S.mala(log_prob, 0.5), jax.random.key(0), -jnp.ones((8, 2)), 200, thin=1)
+    assert np.all(np.asarray(trace)[..., 0] <= 0.0) and np.all(np.isfinite(trace))
+    assert np.all(np.asarray(info.n_nonfinite) > 0)
+
+
+def test_ula_reports_chains_that_blow_up():
+    explode = lambda x: 10.0 * x  # the score of exp(+5|x|²): no stationary law
+    final, _, info = S.run_chains(S.ula(explode, 0.5), jax.random.key(0), jnp.ones((4, 2)), 400)
+    assert np.all(np.asarray(info.n_nonfinite) > 0)
+
+
+def test_run_chains_trace_thinning_and_determinism(gauss, mala_kernel):
+    key, x0 = jax.random.key(5), jnp.zeros((3, 2))
+    final, trace, info = S.run_chains(mala_kernel, key, x0, 40, thin=10)
+    assert trace.shape == (4, 3, 2) and final.position.shape == (3, 2) and info.acceptance_rate.shape == (3,)
+    np.testing.assert_array_equal(trace[-1], final.position)
+    again, no_trace, _ = S.run_chains(mala_kernel, key, x0, 40)
+    assert no_trace is None
+    np.testing.assert_array_equal(again.position, final.position)
+
+
+@pytest.mark.numerics
+def test_ess_and_rhat_on_processes_with_known_answers():
+    """AR(1) x_t = ρ x_{t-1} + sqrt(1-ρ²) u_t has ESS = N (1-ρ)/(1+ρ)."""
+    rng = np.random.default_rng(0)
+    n, m, rho = 4000, 8, 0.8
+    u = rng.normal(size=(n, m, 1))
+    x = np.zeros_like(u)
+    x[0] = rng.normal(size=(m, 1))
+    for t in range(1, n):
+        x[t] = rho * x[t - 1] + np.sqrt(1 - rho**2) * u[t]
+    ess = float(S.effective_sample_size(x)[0])
+    np.testing.assert_allclose(ess, n * m * (1 - rho) / (1 + rho), rtol=0.15)
+    np.testing.assert_allclose(float(S.effective_sample_size(u)[0]), n * m, rtol=0.1)
+    assert float(S.split_rhat(x)[0]) < 1.01
+    shifted = x + np.arange(m)[None, :, None]  # chains that disagree
+    assert float(S.split_rhat(shifted)[0]) > 1.5
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: S.ula(lambda x: -x, 0.0), ValueError, "step_size must be positive"),
+        (lambda: S.mala(lambda x: -x @ x, -0.1), ValueError, "step_size must be positive"),
+        (lambda: S.annealed_langevin(lambda x, s: -x, jnp.array([1.0, 2.0]), 5, 0.1), ValueError, "sigmas must be strictly decreasing"),
+        (lambda: S.annealed_langevin(lambda x, s: -x, jnp.array([1.0, 0.5]), 0, 0.1), ValueError, "n_steps_each must be an int >= 1"),
+        (lambda: S.run_chains(S.ula(lambda x: -x, 0.1), jax.random.key(0), jnp.zeros(2), 10), ValueError, r"x0 must have shape \(n, d\), got shape \(2,\)"),
+        (lambda: S.run_chains(S.ula(lambda x: -x, 0.1), jax.random.key(0), jnp.zeros((2, 2)), 0), ValueError, "n_steps must be an int >= 1"),
+        (lambda: S.run_chains(S.ula(lambda x: -x, 0.1), jax.random.key(0), jnp.zeros((2, 2)), 10, thin=3), ValueError, "multiple of thin=3"),
+        (lambda: S.run_chains(lambda k, s: s, jax.random.key(0), jnp.zeros((2, 2)), 10), TypeError, "kernel must be a jsm.samplers.Kernel"),
+    ],
+)
+def test_bad_input_raises(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
