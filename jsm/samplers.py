@@ -21,6 +21,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jsm import _validate
 
@@ -177,12 +179,34 @@ def _run(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | None):
     return state, trace, ChainInfo(acc / n_steps, bad)
 
 
+def shard_chains(x0: Array) -> Array:
+    """Place x0 (n_chains, d) with its chain axis split across all devices.
+
+    With one device, or n_chains not a multiple of the device count, x0 is
+    returned as it is. An x0 that already carries a sharding over several
+    devices (e.g. a global array built on several hosts) is left alone.
+    """
+    devices = jax.devices()
+    already = getattr(x0, "sharding", None)
+    if len(devices) == 1 or x0.shape[0] % len(devices) or (already is not None and len(already.device_set) > 1):
+        return x0
+    mesh = Mesh(np.asarray(devices), ("chains",))
+    return jax.device_put(x0, NamedSharding(mesh, PartitionSpec("chains", None)))
+
+
 def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | None = None):
     """Run `n_chains` independent chains of `kernel` for `n_steps` steps.
 
     Chain c at step t uses the key split(fold_in(key, t), n_chains)[c]; the same
-    key and x0 give the same chains. Without `thin` nothing is stored per step,
-    so memory does not grow with n_steps.
+    key and x0 give the same chains, on one device or many. Without `thin`
+    nothing is stored per step, so memory does not grow with n_steps.
+
+    Several devices: the chains are split across all of them (`shard_chains`),
+    with no change to the call; the compiler partitions the vmapped kernel along
+    the chain axis, and chains never communicate. Several hosts: call
+    `jax.distributed.initialize()` on each, build x0 as one global array with
+    `jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("chains")), local_x0)`,
+    and call `run_chains` on every host with the same key.
 
     Args:
       kernel: a `Kernel` (e.g. `mala(log_prob_fn, step_size)`).
@@ -204,7 +228,7 @@ def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | 
         thin = _validate.positive_int("thin", thin)
         if n_steps % thin:
             raise ValueError(f"n_steps must be a multiple of thin={thin}, got n_steps={n_steps}")
-    return _run(kernel, key, x0, n_steps, thin)
+    return _run(kernel, key, shard_chains(x0), n_steps, thin)
 
 
 # --- diagnostics ---------------------------------------------------------------

@@ -131,3 +131,30 @@ def test_ess_and_rhat_on_processes_with_known_answers():
 def test_bad_input_raises(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np, sys
+from jsm import samplers as S, targets
+t = targets.GaussianMixture(jnp.array([[-2.0, 0.0], [2.0, 0.0]]), jnp.array([0.5, 0.5]), jnp.array([0.3, 0.7]))
+x0 = jax.random.normal(jax.random.key(0), (8, 2))
+final, trace, info = S.run_chains(S.mala(t.log_prob, 0.3), jax.random.key(1), x0, 50, thin=25)
+print(len(jax.devices()), len(final.position.sharding.device_set))
+np.save(sys.argv[1], np.concatenate([np.asarray(trace).ravel(), np.asarray(info.acceptance_rate)]))
+"""
+
+
+@pytest.mark.slow
+def test_chains_sharded_over_four_devices_equal_one_device(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    outputs = {}
+    for n_devices in (1, 4):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+        out = tmp_path / f"{n_devices}.npy"
+        res = subprocess.run([sys.executable, "-c", _SHARDED, str(out)], env=env, capture_output=True, text=True, check=True)
+        assert res.stdout.split() == [str(n_devices), str(n_devices)]  # devices seen, devices holding chains
+        outputs[n_devices] = np.load(out)
+    np.testing.assert_array_equal(outputs[1], outputs[4])
