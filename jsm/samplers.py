@@ -186,6 +186,8 @@ def shard_chains(x0: Array) -> Array:
     returned as it is. An x0 that already carries a sharding over several
     devices (e.g. a global array built on several hosts) is left alone.
     """
+    if isinstance(x0, jax.core.Tracer):  # inside a jit: the caller's sharding propagates
+        return x0
     devices = jax.devices()
     already = getattr(x0, "sharding", None)
     if len(devices) == 1 or x0.shape[0] % len(devices) or (already is not None and len(already.device_set) > 1):

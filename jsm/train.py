@@ -1,14 +1,18 @@
 """The one training loop: `fit`.
 
 `fit` knows an objective only as `loss(params, key, batch) -> loss` (or
-`(loss, aux)` with `aux` a dict of scalars to log). It brings:
+`(loss, aux)` with `aux` a dict of scalars to log). An objective that carries
+state between steps (the persistent chains of EBM maximum likelihood) passes
+`objective_state=` and is called as `loss(params, key, batch, state) -> (loss,
+aux, new_state)`; that state is checkpointed and restored with the rest. It brings:
 
 - an optax optimizer (the loop never writes an update rule);
 - jitted steps, scanned in chunks of `log_every` so the host syncs once a chunk;
 - determinism: the batch and the key of step t are functions of (key, t) alone,
   so a run killed at any moment and started again with the same call ends with
   exactly the parameters of an uninterrupted run;
-- orbax checkpoints of the whole state (params, optimizer state, step, key) in
+- orbax checkpoints of the whole state (params, optimizer state, step, key,
+  objective state) in
   `<workdir>/checkpoints/`, atomic, the last `keep` kept, and automatic resume;
 - metrics as JSON lines in `<workdir>/metrics.jsonl`, one object per logged
   chunk with at least `step` and `loss` (the chunk's mean loss);
@@ -44,6 +48,7 @@ class TrainState(NamedTuple):
     params: PyTree
     opt_state: PyTree
     key: Array  # the run's key; step t uses fold_in(., t), never a split chain
+    objective_state: PyTree = None  # e.g. persistent chains; None for stateless objectives
 
 
 class NonFiniteError(FloatingPointError):
@@ -62,13 +67,19 @@ class FitResult:
     opt_state: PyTree
     step: int
     history: list[dict]  # the rows of metrics.jsonl, resumed runs included
+    objective_state: PyTree = None
 
 
-def _loss_and_aux(loss_fn: LossFn) -> Callable[..., tuple[Array, dict]]:
-    def wrapped(params, key, batch):
-        out = loss_fn(params, key, batch)
-        loss, aux = out if isinstance(out, tuple) else (out, {})
-        return loss, dict(aux)
+def _loss_and_aux(loss_fn: LossFn, stateful: bool) -> Callable[..., tuple[Array, tuple[dict, PyTree]]]:
+    """loss(params, key, batch, state) -> (loss, (aux, new_state)), whatever loss_fn returns."""
+
+    def wrapped(params, key, batch, state):
+        if stateful:
+            loss, aux, state = loss_fn(params, key, batch, state)
+        else:
+            out = loss_fn(params, key, batch)
+            loss, aux = out if isinstance(out, tuple) else (out, {})
+        return loss, (dict(aux), state)
 
     return wrapped
 
@@ -78,9 +89,10 @@ def _all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def _make_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation, batch_size: int, length: int):
+def _make_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation, batch_size: int, length: int,
+                stateful: bool):
     """A jitted function running up to `length` steps, stopping at `end` or at a non-finite step."""
-    grad_fn = jax.value_and_grad(_loss_and_aux(loss_fn), has_aux=True)
+    grad_fn = jax.value_and_grad(_loss_and_aux(loss_fn, stateful), has_aux=True)
 
     def batch_at(data: Array, data_key: Array, step: Array) -> Array:
         n = data.shape[0]
@@ -96,11 +108,11 @@ def _make_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation, batch_
             state, halted = carry
             batch = batch_at(data, data_key, state.step)
             key = jax.random.fold_in(loss_key, state.step)
-            (loss, aux), grads = grad_fn(state.params, key, batch)
+            (loss, (aux, obj_state)), grads = grad_fn(state.params, key, batch, state.objective_state)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             active = (state.step < end) & ~halted
-            finite = jnp.isfinite(loss) & _all_finite(grads)
+            finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(obj_state)
             take = active & finite
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(take, a, b), new, old)
             state = TrainState(
@@ -108,6 +120,7 @@ def _make_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation, batch_
                 keep(params, state.params),
                 keep(opt_state, state.opt_state),
                 state.key,
+                keep(obj_state, state.objective_state),
             )
             return (state, halted | (active & ~finite)), (loss, aux, take)
 
@@ -126,14 +139,16 @@ def _to_saveable(state: TrainState) -> dict:
     key = state.key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": key}
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": key,
+            "objective_state": state.objective_state}
 
 
 def _from_saved(saved: dict, like: TrainState) -> TrainState:
     key = saved["key"]
     if jnp.issubdtype(like.key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(like.key))
-    return TrainState(jnp.asarray(saved["step"]), saved["params"], saved["opt_state"], key)
+    return TrainState(jnp.asarray(saved["step"]), saved["params"], saved["opt_state"], key,
+                      saved["objective_state"])
 
 
 def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
@@ -211,6 +226,7 @@ def fit(
     keep: int = 3,
     log_every: int = 100,
     progress: bool = True,
+    objective_state: PyTree = None,
 ) -> FitResult:
     """Minimise E_batch[loss(params, key, batch)] with `optimizer` for `steps` steps.
 
@@ -228,9 +244,11 @@ def fit(
       keep: how many checkpoints to keep.
       log_every: steps per logged row (and per host sync).
       progress: show a progress bar.
+      objective_state: the initial state of a stateful objective (see the module doc);
+        None for `loss(params, key, batch)`.
 
     Returns:
-      FitResult with the final params, optimizer state, step and the logged rows.
+      FitResult with the final params, optimizer state, objective state, step and the logged rows.
 
     Raises:
       NonFiniteError: a loss or gradient was not finite; nothing after the last
@@ -248,7 +266,8 @@ def fit(
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
 
-    state = TrainState(jnp.asarray(0, jnp.int32), params, optimizer.init(params), key)
+    stateful = objective_state is not None
+    state = TrainState(jnp.asarray(0, jnp.int32), params, optimizer.init(params), key, objective_state)
     mgr = metrics_path = None
     history: list[dict] = []
     if workdir is not None:
@@ -261,7 +280,7 @@ def fit(
         history = _read_metrics(metrics_path, int(state.step))
         mgr = _manager(workdir / "checkpoints", keep)
 
-    run_chunk = _make_chunk(loss_fn, optimizer, batch_size, min(log_every, checkpoint_every))
+    run_chunk = _make_chunk(loss_fn, optimizer, batch_size, min(log_every, checkpoint_every), stateful)
     step = int(state.step)
     last_saved = step if mgr is not None and mgr.latest_step() is not None else None
     bar = tqdm(total=steps, initial=min(step, steps), disable=not progress, desc="fit", unit="step")
@@ -299,4 +318,4 @@ def fit(
         if mgr is not None:
             mgr.wait_until_finished()
             mgr.close()
-    return FitResult(state.params, state.opt_state, int(state.step), history)
+    return FitResult(state.params, state.opt_state, int(state.step), history, state.objective_state)

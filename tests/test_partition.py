@@ -1,0 +1,59 @@
+"""log Z by quadrature and by annealed importance sampling, against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jsm import partition, targets
+
+
+@pytest.mark.numerics
+def test_log_z_grid_1d_and_2d_match_closed_forms(mixture2):
+    g1 = targets.Gaussian(jnp.array([0.5]), jnp.array([[0.7]]))
+    np.testing.assert_allclose(partition.log_z_grid(g1.energy, jnp.array([-8.0]), jnp.array([9.0]), 2000), g1.log_z(), atol=1e-5)
+    lo, hi = jnp.array([-8.0, -8.0]), jnp.array([8.0, 9.0])
+    np.testing.assert_allclose(partition.log_z_grid(mixture2.energy, lo, hi, 400), mixture2.log_z(), atol=1e-5)
+    banana = targets.Banana()
+    np.testing.assert_allclose(partition.log_z_grid(banana.energy, jnp.array([-7.0, -6.0]), jnp.array([7.0, 14.0]), 600),
+                               banana.log_z(), atol=1e-4)
+
+
+@pytest.mark.numerics
+def test_grid_log_likelihood_is_the_exact_log_prob(mixture2, key):
+    xs = mixture2.sample(key, 100)
+    got = partition.log_likelihood_grid(mixture2.energy, xs, jnp.array([-8.0, -8.0]), jnp.array([8.0, 9.0]), 400)
+    np.testing.assert_allclose(got, jnp.mean(jax.vmap(mixture2.log_prob)(xs)), atol=1e-5)
+
+
+@pytest.mark.numerics
+@pytest.mark.slow
+def test_ais_agrees_with_known_log_z_in_d10_within_its_error():
+    a = jax.random.normal(jax.random.key(0), (10, 10)) * 0.3
+    t = targets.Gaussian(jnp.ones(10), a @ a.T + 0.5 * jnp.eye(10))
+    est, se = partition.log_z_ais(t.energy, jax.random.key(1), 10, n_chains=1000, n_temperatures=500, step_size=0.2)
+    assert 0 < float(se) < 0.05
+    assert abs(float(est) - float(t.log_z())) < 4 * float(se)
+
+
+def test_grid_cost_is_n_to_the_d():
+    """The grid has n^d nodes: why quadrature stops at d = 2 (d = 10 at n = 100 would be 10^20)."""
+    for d, n in ((1, 50), (2, 50)):
+        points, log_w = partition.grid(jnp.zeros(d), jnp.ones(d), n)
+        assert points.shape == (n**d, d) and log_w.shape == (n**d,)
+        np.testing.assert_allclose(jnp.sum(jnp.exp(log_w)), 1.0, rtol=1e-5)  # the box's volume
+    with pytest.raises(ValueError, match="d = 1 or 2"):
+        partition.grid(jnp.zeros(3), jnp.ones(3), 10)
+
+
+@pytest.mark.parametrize(
+    "lo, hi, n, match",
+    [
+        ([0.0, 1.0], [1.0, 1.0], 10, "lo must be < hi in every coordinate"),
+        ([0.0], [1.0], 1, "n must be an int >= 2, got 1"),
+        ([0.0, 0.0], [1.0], 10, "lo and hi must both have shape"),
+    ],
+)
+def test_bad_boxes_raise(lo, hi, n, match):
+    with pytest.raises(ValueError, match=match):
+        partition.log_z_grid(lambda x: jnp.sum(x**2), jnp.array(lo), jnp.array(hi), n)
