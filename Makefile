@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 setup: $(VENV)/.installed
 
 tour: setup
-	JAX_PLATFORMS=cpu $(PY) experiments/score_matching_2d.py $(ARGS)
+	JAX_PLATFORMS=cpu $(PY) experiments/tour.py $(ARGS)
 
 test: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(ARGS)

@@ -90,18 +90,27 @@ def train_ncsn(config: Config, target):
     return (lambda x, s: apply(result.params, x, s)), result
 
 
+def initial_positions(config: Config) -> tuple[jax.Array, jax.Array]:
+    """(key for the chains, x0 uniform over the box)."""
+    k_init, k_run = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+    return k_run, jax.random.uniform(k_init, (config.n_chains, 2), minval=BOX[0][0], maxval=BOX[1][0])
+
+
+def annealed_samples(config: Config, noise_score, key: jax.Array, x0: jax.Array) -> jax.Array:
+    """Final positions of annealed Langevin on s(x, σ) over the config's schedule."""
+    kernel = samplers.annealed_langevin(noise_score, sigmas(config), config.n_steps_each, config.step_size)
+    return samplers.run_chains(kernel, key, x0, config.n_levels * config.n_steps_each)[0].position
+
+
 def sample_all(config: Config, target, learned_score) -> dict[str, jax.Array]:
-    key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    k_init, k_run = jax.random.split(key)
-    x0 = jax.random.uniform(k_init, (config.n_chains, 2), minval=BOX[0][0], maxval=BOX[1][0])
+    key, x0 = initial_positions(config)
     n_steps = config.n_levels * config.n_steps_each
-    anneal = lambda score: samplers.annealed_langevin(score, sigmas(config), config.n_steps_each, config.step_size)
-    kernels = {
-        "plain Langevin, exact score": samplers.ula(target.score, config.plain_step_size),
-        "annealed, exact noised score": anneal(lambda x, s: target.noised(s).score(x)),
-        "annealed, learned score (ncsn)": anneal(learned_score),
+    plain = samplers.run_chains(samplers.ula(target.score, config.plain_step_size), key, x0, n_steps)[0].position
+    return {
+        "plain Langevin, exact score": plain,
+        "annealed, exact noised score": annealed_samples(config, lambda x, s: target.noised(s).score(x), key, x0),
+        "annealed, learned score (ncsn)": annealed_samples(config, learned_score, key, x0),
     }
-    return {name: samplers.run_chains(k, k_run, x0, n_steps)[0].position for name, k in kernels.items()}
 
 
 def main(config: Config) -> dict:

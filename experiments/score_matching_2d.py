@@ -129,7 +129,8 @@ def figures(config: Config, score_fn, history, xs, target=None) -> None:
     plot.save(fig, f"{config.workdir}/figures/loss.png")
 
 
-def main(config: Config) -> dict:
+def run(config: Config) -> tuple[dict, object]:
+    """Train (or resume), evaluate, draw and save; returns (metrics, the learned score function)."""
     workdir = runs.prepare_workdir(config)
     target = make_target()
     score_fn, result = train(config, target)
@@ -138,7 +139,11 @@ def main(config: Config) -> dict:
     figures(config, score_fn, result.history, xs, target)
     runs.save_json(workdir / "results.json", metrics)
     print(f"{config.objective}: Fisher divergence to p on held-out samples = {metrics['fisher_divergence']:.4f}")
-    return metrics
+    return metrics, score_fn
+
+
+def main(config: Config) -> dict:
+    return run(config)[0]
 
 
 if __name__ == "__main__":

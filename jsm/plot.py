@@ -45,6 +45,14 @@ def density(ax, log_prob_fn: Callable[[Array], Array], lo, hi, n: int = 200, cma
     return scalar_field(ax, log_prob_fn, lo, hi, n, cmap, title, transform=lambda v: np.exp(v - v.max()))
 
 
+def contours(ax, log_prob_fn: Callable[[Array], Array], lo, hi, n: int = 200, color="tab:red", levels=6, title=None):
+    """Contour lines of exp(log_prob_fn), at fractions of its maximum, over a heat map drawn before."""
+    xx, yy, pts = grid(lo, hi, n)
+    logp = np.asarray(jax.jit(jax.vmap(log_prob_fn))(pts)).reshape(n, n)
+    ax.contour(xx, yy, np.exp(logp - logp.max()), levels=np.linspace(0.05, 0.95, levels), colors=color, linewidths=1)
+    return _finish(ax, title)
+
+
 def energy(ax, energy_fn: Callable[[Array], Array], lo, hi, n: int = 200, levels: int = 30, title=None):
     """Filled contours of the energy f (shifted to min 0, clipped at its 95th percentile)."""
     xx, yy, pts = grid(lo, hi, n)

@@ -71,8 +71,10 @@ def _jsonable(config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def prepare_workdir(config) -> Path:
+def prepare_workdir(config, resumable: tuple[str, ...] = RESUMABLE) -> Path:
     """Create `config.workdir` and its `config.json`; refuse to resume under another config.
+
+    Fields named in `resumable` may differ from the saved config.
 
     Raises:
       ValueError: the workdir holds a run whose config differs outside `RESUMABLE`.
@@ -85,7 +87,7 @@ def prepare_workdir(config) -> Path:
         previous = json.loads(path.read_text()).get("config", {})
         changed = {
             k: (previous.get(k), v) for k, v in current.items()
-            if k not in RESUMABLE and k != "workdir" and previous.get(k) != v
+            if k not in resumable and k != "workdir" and previous.get(k) != v
         }
         if changed:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())

@@ -4,14 +4,19 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import annealed_langevin  # noqa: E402
+import gan_modes  # noqa: E402
+import kl_directions  # noqa: E402
 import langevin_step_size  # noqa: E402
 import score_matching_2d  # noqa: E402
-from jsm import runs  # noqa: E402
+import tour  # noqa: E402
+from jsm import runs, targets  # noqa: E402
 
 
 @pytest.mark.slow
@@ -65,3 +70,54 @@ def test_annealed_langevin(tmp_path):
     assert (tmp_path / "figures" / "samples.png").exists()
     assert abs(out["plain Langevin, exact score"] - 0.8) > 0.15  # stuck at the initial split
     assert abs(out["annealed, exact noised score"] - 0.8) < 0.08
+
+
+@pytest.mark.slow
+def test_kl_directions_forward_covers_reverse_seeks(tmp_path):
+    out = kl_directions.main(kl_directions.Config(workdir=str(tmp_path), steps=600, progress=False))
+    fwd, rev = out["forward"], out["reverse"]
+    assert 0.45 < fwd["mass_on_left_mode_side"] < 0.7  # one Gaussian over both modes
+    assert min(rev["mass_on_left_mode_side"], 1 - rev["mass_on_left_mode_side"]) < 0.01  # on one mode only
+    assert fwd["forward_kl"] < rev["forward_kl"] and rev["reverse_kl"] < fwd["reverse_kl"]  # each wins its own KL
+
+
+def test_mode_scores_count_modes_and_quality(key):
+    ring = targets.Ring(8, 2.0, 0.1)
+    exact = gan_modes.mode_scores(ring.sample(key, 4000), ring, key)
+    assert exact["modes_covered"] == 8 and exact["high_quality"] > 0.98
+    collapsed = ring.means[0] + 0.1 * jax.random.normal(key, (4000, 2))
+    one = gan_modes.mode_scores(collapsed, ring, key)
+    assert one["modes_covered"] == 1 and one["high_quality"] > 0.98 and one["sliced_w1"] > 10 * exact["sliced_w1"]
+
+
+@pytest.mark.slow
+def test_gan_modes_runs_all_three_models(tmp_path):
+    config = gan_modes.Config(workdir=str(tmp_path), steps=20, gan_steps=40, evaluations=2, hidden=(16,), n_train=1024,
+                              n_samples=256, progress=False)
+    out = gan_modes.main(config)
+    assert (tmp_path / "figures" / "samples.png").exists()
+    assert set(out) >= {"GAN", "EBM (PCD)", "score model (NCSN)", "exact samples", "gan_over_training"}
+    assert [r["step"] for r in out["gan_over_training"]] == [20, 40]
+
+
+def test_tour_identities_hold_for_any_model(key):
+    ring = targets.Ring(8, 2.0, 0.3)
+    for s in (lambda x: -x, lambda x: jnp.tanh(x) - 0.3 * x):
+        ids = tour.identities(s, ring, 0.2, key)
+        assert abs(ids["J_ESM-J_ISM"] - ids["C"]) < 5 * ids["se1"]
+        assert abs(ids["J_ESM(p_sigma)-J_DSM"] - ids["C'"]) < 5 * ids["se2"]
+
+
+def test_tour_reuses_finished_sections(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(config, out):
+        calls.append(out)
+        return tour.Section("t", "x", {"v": 1.0}, [])
+
+    config = tour.Config(workdir=str(tmp_path), steps=5, progress=False)
+    first = tour.run_section("fake", fake, config, tmp_path)
+    again = tour.run_section("fake", fake, config, tmp_path)
+    assert len(calls) == 1 and again.metrics["v"] == first.metrics["v"] == 1.0
+    tour.run_section("fake", fake, tour.Config(workdir=str(tmp_path), steps=6, progress=False), tmp_path)
+    assert len(calls) == 2  # other settings: the section runs again
