@@ -97,49 +97,80 @@ def ism(score_fn: ScoreFn, xs: Array, method: str = "jacfwd") -> Array:
 # --- denoising score matching: learn the score of p_σ = p * N(0, σ² I) ---------
 
 
-def dsm_per_example(score_fn: ScoreFn, x: Array, eps: Array, sigma: float) -> Array:
-    """1/2 |s(x + ε) + ε/σ²|² for one clean x and its noise ε, both (d,)."""
-    r = score_fn(x + eps) + eps / sigma**2
-    return 0.5 * jnp.dot(r, r)
+VARIANCE_REDUCTIONS = (None, "antithetic", "control_variate")
 
 
-def dsm(score_fn: ScoreFn, key: Array, xs: Array, sigma: float) -> Array:
+def _denoising_term(score_at, x: Array, eps: Array, sigma, variance_reduction) -> Array:
+    """1/2 |s(x + ε) + ε/σ²|², or its variance-reduced estimator (see `dsm`)."""
+    loss = lambda e: 0.5 * jnp.sum((score_at(x + e) + e / sigma**2) ** 2)
+    if variance_reduction == "antithetic":
+        return 0.5 * (loss(eps) + loss(-eps))
+    if variance_reduction == "control_variate":
+        return loss(eps) - jnp.dot(eps, score_at(x)) / sigma**2
+    return loss(eps)
+
+
+def dsm_per_example(score_fn: ScoreFn, x: Array, eps: Array, sigma: float, variance_reduction=None) -> Array:
+    """1/2 |s(x + ε) + ε/σ²|² for one clean x and its noise ε, both (d,) (see `dsm` for the estimators)."""
+    return _denoising_term(score_fn, x, eps, sigma, variance_reduction)
+
+
+def dsm(score_fn: ScoreFn, key: Array, xs: Array, sigma: float, variance_reduction: str | None = None) -> Array:
     """Denoising score matching (Vincent 2011): 1/2 E |s(x + ε) + ε/σ²|², ε ~ N(0, σ² I).
 
     Minimised by the score of p_σ = p * N(0, σ² I), not of p. The noise is
     ε = σ · jax.random.normal(key, xs.shape).
+
+    With ε = σu the per-example term is 1/2|s(x+σu)|² + u·s(x+σu)/σ + |u|²/(2σ²): its
+    cross term u·s(x)/σ has mean zero but variance |s(x)|²/σ², so the parameter
+    gradient's variance grows like 1/σ². `variance_reduction` removes that term
+    without changing the expectation (the loss and its gradient stay unbiased):
+
+      None               the plain estimator above.
+      "antithetic"       1/2 [ℓ(ε) + ℓ(-ε)]: -ε has the law of ε, so the mean is
+                         unchanged, and every term odd in u cancels, the cross term
+                         among them. Two evaluations of s per example.
+      "control_variate"  ℓ(ε) - ε·s(x)/σ²: the subtracted term, the first-order part
+                         evaluated at the CLEAN x, has mean zero over ε for every x and
+                         θ (and so has its θ-gradient). One extra evaluation, s(x).
+
+    For a linear score s(x) = Ax + b, the b-gradient's variance per example falls from
+    tr(A Σ Aᵀ) + |σA + I/σ|_F² to tr(A Σ Aᵀ) + σ²|A|_F² (control variate) or tr(A Σ Aᵀ)
+    (antithetic), Σ the data covariance: a factor of order d / (σ² tr(AΣAᵀ)).
 
     Args:
       score_fn: s, (d,) -> (d,).
       key: PRNG key for the noise.
       xs: (n, d) clean samples of p.
       sigma: the noise scale σ > 0.
+      variance_reduction: one of `VARIANCE_REDUCTIONS`.
     """
     xs = _validate.batch("xs", xs)
     _validate.key("key", key)
     _validate.positive("sigma", sigma)
+    _validate.choice("variance_reduction", variance_reduction, VARIANCE_REDUCTIONS)
     eps = sigma * jax.random.normal(key, xs.shape, xs.dtype)
-    return _batch_mean(lambda x, e: dsm_per_example(score_fn, x, e, sigma), xs, eps)
+    return _batch_mean(lambda x, e: dsm_per_example(score_fn, x, e, sigma, variance_reduction), xs, eps)
 
 
-def ncsn_per_example(score_fn: NoiseScoreFn, x: Array, eps: Array, sigma: Array) -> Array:
+def ncsn_per_example(score_fn: NoiseScoreFn, x: Array, eps: Array, sigma: Array, variance_reduction=None) -> Array:
     """σ² · 1/2 |s(x + ε, σ) + ε/σ²|² for one x, its noise ε (d,) and its σ ()."""
-    r = score_fn(x + eps, sigma) + eps / sigma**2
-    return 0.5 * sigma**2 * jnp.dot(r, r)
+    return sigma**2 * _denoising_term(lambda y: score_fn(y, sigma), x, eps, sigma, variance_reduction)
 
 
-def ncsn(score_fn: NoiseScoreFn, key: Array, xs: Array, sigmas: Array) -> Array:
+def ncsn(score_fn: NoiseScoreFn, key: Array, xs: Array, sigmas: Array, variance_reduction: str | None = None) -> Array:
     """Noise-conditional DSM (Song & Ermon 2019) over a schedule of noise scales.
 
     1/L Σ_i λ(σ_i) J_DSM(s(·, σ_i); σ_i) with λ(σ) = σ², estimated by drawing one
     σ uniformly from `sigmas` per example. The weight σ² makes every level's term
-    O(1), since |ε/σ²|² ~ d/σ².
+    O(1), since |ε/σ²|² ~ d/σ². `variance_reduction` as in `dsm`, level by level.
 
     Args:
       score_fn: s(x, σ), ((d,), ()) -> (d,).
       key: PRNG key for the levels and the noise.
       xs: (n, d) clean samples of p.
       sigmas: (L,) positive noise scales, conventionally decreasing.
+      variance_reduction: one of `VARIANCE_REDUCTIONS`.
     """
     xs = _validate.batch("xs", xs)
     _validate.key("key", key)
@@ -147,11 +178,13 @@ def ncsn(score_fn: NoiseScoreFn, key: Array, xs: Array, sigmas: Array) -> Array:
     if sigmas.shape[0] == 0:
         raise ValueError("sigmas must hold at least one noise scale, got an empty array")
     _validate.positive("sigmas", sigmas)
+    _validate.choice("variance_reduction", variance_reduction, VARIANCE_REDUCTIONS)
     k_level, k_noise = jax.random.split(key)
     level = jax.random.randint(k_level, (xs.shape[0],), 0, sigmas.shape[0])
     sigma = sigmas.astype(xs.dtype)[level]
     eps = sigma[:, None] * jax.random.normal(k_noise, xs.shape, xs.dtype)
-    return _batch_mean(lambda x, e, s: ncsn_per_example(score_fn, x, e, s), xs, eps, sigma)
+    per_example = lambda x, e, s: ncsn_per_example(score_fn, x, e, s, variance_reduction)
+    return _batch_mean(per_example, xs, eps, sigma)
 
 
 # --- sliced score matching: random projections of the trace -------------------

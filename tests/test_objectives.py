@@ -225,3 +225,65 @@ def test_ism_overfits_a_small_data_set_and_dsm_cannot(key):
 def test_bad_input_raises_naming_the_argument(call, error, match, key):
     with pytest.raises(error, match=match):
         call(lambda x: -x, key)
+
+
+# --- low-variance DSM ----------------------------------------------------------------
+
+
+@pytest.mark.numerics
+def test_variance_reduced_dsm_is_unbiased_and_matches_the_theorys_variance(gaussian2, key):
+    """Linear score s(x) = A x + b on a 2-D Gaussian at σ = 0.01; per-example b-gradients.
+
+    Theory (see `dsm`): Var_plain = tr(AΣAᵀ) + |σA + I/σ|², Var_cv = tr(AΣAᵀ) + σ²|A|², Var_anti = tr(AΣAᵀ),
+    with the data covariance Σ = Cov(x). Sample variances of 20k draws are within 10% (their relative
+    standard error is about sqrt(2/20000) times a kurtosis factor).
+    """
+    sigma, n = 0.01, 20_000
+    A, b = jnp.array([[-0.8, 0.3], [0.1, -0.6]]), jnp.array([0.2, -0.1])
+    S = gaussian2.cov
+    k_x, k_eps = jax.random.split(key)
+    xs = gaussian2.sample(k_x, n)[:, None, :]  # n batches of one example
+    keys = jax.random.split(k_eps, n)
+
+    def grads(vr):
+        g = lambda b, k, x: jax.grad(lambda b: O.dsm(lambda y: A @ y + b, k, x, sigma, variance_reduction=vr))(b)
+        return np.asarray(jax.jit(jax.vmap(g, in_axes=(None, 0, 0)))(b, keys, xs), np.float64)
+
+    base = float(jnp.trace(A @ S @ A.T))
+    theory = {
+        None: base + float(jnp.sum((sigma * A + jnp.eye(2) / sigma) ** 2)),
+        "control_variate": base + sigma**2 * float(jnp.sum(A**2)),
+        "antithetic": base,
+    }
+    draws = {vr: grads(vr) for vr in theory}
+    for vr, g in draws.items():
+        np.testing.assert_allclose(g.var(0).sum(), theory[vr], rtol=0.1)
+    ratio = draws[None].var(0).sum() / draws["control_variate"].var(0).sum()
+    assert ratio > 100 * 100  # the issue asks for >= 100x; at σ = 0.01 the theory gives ~10^4
+    # Unbiased: all three mean gradients agree with the exact one, E[Ax + b] = A m + b, within 5 SE.
+    exact = np.asarray(A @ gaussian2.mean + b)
+    for vr, g in draws.items():
+        se = g.std(0) / np.sqrt(n)
+        np.testing.assert_array_less(np.abs(g.mean(0) - exact), 5 * se)
+
+
+def test_ncsn_variance_reduction_keeps_the_value_in_expectation(mixture2, key):
+    apply, params = nets.pure(nets.NoiseConditionalScore(2, (16,), rngs=nnx.Rngs(0)))
+    s = lambda x, sigma: apply(params, x, sigma)
+    xs = mixture2.sample(key, 256)
+    sigmas = jnp.array([1.0, 0.1, 0.01])
+    draws = {vr: np.asarray(jax.jit(jax.vmap(lambda k: O.ncsn(s, k, xs, sigmas, variance_reduction=vr)))(
+        jax.random.split(key, 300))) for vr in O.VARIANCE_REDUCTIONS}
+    plain = draws[None]
+    for vr in ("antithetic", "control_variate"):
+        d = draws[vr]
+        se = np.sqrt(plain.var() / plain.size + d.var() / d.size)
+        assert abs(d.mean() - plain.mean()) < 5 * se
+        assert d.var() < plain.var()
+
+
+def test_unknown_variance_reduction_raises(key):
+    with pytest.raises(ValueError, match=r"variance_reduction must be one of \(None, 'antithetic', 'control_variate'\), got 'anti'"):
+        O.dsm(lambda x: -x, key, jnp.zeros((3, 2)), 0.1, variance_reduction="anti")
+    with pytest.raises(ValueError, match="variance_reduction must be one of"):
+        O.ncsn(lambda x, s: -x, key, jnp.zeros((3, 2)), jnp.array([1.0]), variance_reduction="cv")

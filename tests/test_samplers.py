@@ -158,3 +158,62 @@ def test_chains_sharded_over_four_devices_equal_one_device(tmp_path):
         assert res.stdout.split() == [str(n_devices), str(n_devices)]  # devices seen, devices holding chains
         outputs[n_devices] = np.load(out)
     np.testing.assert_array_equal(outputs[1], outputs[4])
+
+
+# --- step-size tuning and the snr rule -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def anisotropic():
+    scales = jnp.geomspace(0.1, 3.0, 10)
+    return targets.Gaussian(jnp.zeros(10), jnp.diag(scales**2))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("initial", [0.1, 10.0, 1e-3])  # a good guess, and hopeless starts 100x too large / small
+def test_tuned_mala_accepts_at_the_target_rate(anisotropic, initial):
+    make = lambda a: S.mala(anisotropic.log_prob, a)
+    x0 = anisotropic.sample(jax.random.key(0), 64)
+    step, state = S.tune_step_size(make, jax.random.key(1), x0, 1000, initial_step_size=initial)
+    assert state.position.shape == (64, 10)
+    _, _, info = S.run_chains(make(step), jax.random.key(2), state.position, 1000)
+    assert abs(float(info.acceptance_rate.mean()) - 0.574) < 0.05
+
+
+def test_tuning_reports_non_finite_log_densities():
+    log_prob = lambda x: jnp.where(x[0] > 1.0, jnp.nan, -0.5 * jnp.dot(x, x))
+    with pytest.warns(RuntimeWarning, match=r"\d+ proposals had a non-finite log-density"):
+        step, state = S.tune_step_size(lambda a: S.mala(log_prob, a), jax.random.key(0), jnp.zeros((16, 2)), 200)
+    assert np.all(np.asarray(state.position[:, 0]) <= 1.0)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(target_acceptance=1.0), r"target_acceptance must be in \(0, 1\), got 1.0"),
+        (dict(target_acceptance=0.0), r"target_acceptance must be in \(0, 1\)"),
+        (dict(n_steps=0), "n_steps must be an int >= 1, got 0"),
+        (dict(initial_step_size=-1.0), "initial_step_size must be positive"),
+    ],
+)
+def test_tuning_bad_input(kw, match):
+    args = dict(make_kernel=lambda a: S.mala(lambda x: -x @ x, a), key=jax.random.key(0), x0=jnp.zeros((4, 2)), n_steps=10)
+    with pytest.raises(ValueError, match=match):
+        S.tune_step_size(**(args | kw))
+
+
+@pytest.mark.numerics
+def test_snr_rule_sets_drift_to_snr_times_noise():
+    """With a = 2 (r |u| / |s|)², |a s| = r sqrt(2a) |u| at every step, whatever the score's size."""
+    score = lambda x, sigma: -x / sigma**2
+    kernel = S.annealed_langevin(score, jnp.array([1.0, 0.1]), 5, snr=0.16)
+    x = jnp.array([3.0, -4.0])
+    state = kernel.init(x)
+    new, _ = kernel.step(jax.random.key(0), state)
+    u = jax.random.normal(jax.random.key(0), (2,))
+    s = score(x, 1.0)
+    a = 2 * (0.16 * jnp.linalg.norm(u) / jnp.linalg.norm(s)) ** 2
+    np.testing.assert_allclose(new.position, x + a * s + jnp.sqrt(2 * a) * u, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(a * s), 0.16 * jnp.sqrt(2 * a) * jnp.linalg.norm(u), rtol=1e-5)
+    with pytest.raises(ValueError, match="give exactly one of step_size and snr"):
+        S.annealed_langevin(score, jnp.array([1.0]), 5, 0.1, snr=0.1)
