@@ -36,6 +36,8 @@ class Config:
     seed: int = 0
     objective: str = dataclasses.field(default="dsm", metadata={"choices": OBJECTIVES})
     sigma: float = dataclasses.field(default=0.15, metadata={"help": "DSM noise scale"})
+    variance_reduction: str = dataclasses.field(
+        default="none", metadata={"choices": ("none", "antithetic", "control_variate"), "help": "DSM's estimator"})
     learning_rate: float = 3e-3
     batch_size: int = 256
     hidden: tuple[int, ...] = (128, 128)
@@ -53,13 +55,14 @@ def make_target() -> targets.GaussianMixture:
     return targets.Ring(n_modes=8, radius=2.0, scale=0.3)
 
 
-def make_loss(objective: str, apply, target, sigma: float):
+def make_loss(objective: str, apply, target, sigma: float, variance_reduction: str = "none"):
     """loss(params, key, batch) for `jsm.fit`, for one of OBJECTIVES."""
     score = lambda params: (lambda x: apply(params, x))
+    vr = None if variance_reduction == "none" else variance_reduction
     return {
         "esm": lambda p, k, xs: objectives.esm(score(p), target.score, xs),
         "ism": lambda p, k, xs: objectives.ism(score(p), xs),
-        "dsm": lambda p, k, xs: objectives.dsm(score(p), k, xs, sigma),
+        "dsm": lambda p, k, xs: objectives.dsm(score(p), k, xs, sigma, variance_reduction=vr),
         "ssm": lambda p, k, xs: objectives.ssm(score(p), k, xs, n_projections=1),
     }[objective]
 
@@ -73,7 +76,7 @@ def train(config: Config, target=None):
     apply, params = nets.pure(model)
     data = target.sample(k_data, config.n_train)
     result = jsm.fit(
-        make_loss(config.objective, apply, target, config.sigma),
+        make_loss(config.objective, apply, target, config.sigma, config.variance_reduction),
         params,
         data,
         optimizer=optax.adam(config.learning_rate),

@@ -2,10 +2,11 @@
 
 A model is a density known up to a constant, q(x) = exp(-f(x)) / Z. Every
 function here acts on ONE example x of shape (d,); `jax.vmap` batches,
-`jax.jit` compiles.
+`jax.jit` compiles. `jsm.plot` (matplotlib) and `jsm.runs` (experiment
+bookkeeping) are imported on demand.
 """
 
-from jsm import nets, objectives, samplers, scores, targets, train
+from jsm import implicit, metrics, nets, objectives, partition, samplers, scores, targets, train
 from jsm.scores import divergence, hutchinson_divergence, laplacian, score_of
 from jsm.train import fit
 
@@ -13,9 +14,12 @@ __all__ = [
     "divergence",
     "fit",
     "hutchinson_divergence",
+    "implicit",
     "laplacian",
+    "metrics",
     "nets",
     "objectives",
+    "partition",
     "samplers",
     "score_of",
     "scores",

@@ -121,3 +121,15 @@ def test_tour_reuses_finished_sections(tmp_path, monkeypatch):
     assert len(calls) == 1 and again.metrics["v"] == first.metrics["v"] == 1.0
     tour.run_section("fake", fake, tour.Config(workdir=str(tmp_path), steps=6, progress=False), tmp_path)
     assert len(calls) == 2  # other settings: the section runs again
+
+
+@pytest.mark.slow
+def test_dsm_variance(tmp_path):
+    import dsm_variance
+
+    config = dsm_variance.Config(workdir=str(tmp_path), steps=20, sigmas=(1.0, 0.01), n_draws=20, evaluations=1,
+                                 hidden=(16,), n_train=1024, n_test=256, progress=False)
+    out = dsm_variance.main(config)
+    assert (tmp_path / "figures" / "variance.png").exists()
+    ratios = out["variance_ratio_at_sigma=0.01"]
+    assert ratios["antithetic"] > 100 and ratios["control_variate"] > 100
