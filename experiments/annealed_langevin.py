@@ -46,6 +46,9 @@ class Config:
     step_size: float = 2e-3  # a at the last level; level i uses a σ_i² / σ_L²
     plain_step_size: float = 0.05
     learning_rate: float = 2e-3
+    variance_reduction: str = dataclasses.field(
+        default="control_variate", metadata={"choices": ("none", "antithetic", "control_variate"),
+                                             "help": "NCSN's estimator; see experiments/dsm_variance.py"})
     batch_size: int = 256
     hidden: tuple[int, ...] = (128, 128)
     n_train: int = 20_000
@@ -74,8 +77,9 @@ def train_ncsn(config: Config, target):
     k_data, k_fit = jax.random.split(key)
     apply, params = nets.pure(nets.NoiseConditionalScore(2, config.hidden, rngs=nnx.Rngs(config.seed)))
     levels = sigmas(config)
+    vr = None if config.variance_reduction == "none" else config.variance_reduction
     result = jsm.fit(
-        lambda p, k, xs: objectives.ncsn(lambda x, s: apply(p, x, s), k, xs, levels),
+        lambda p, k, xs: objectives.ncsn(lambda x, s: apply(p, x, s), k, xs, levels, variance_reduction=vr),
         params,
         target.sample(k_data, config.n_train),
         optimizer=optax.adam(config.learning_rate),

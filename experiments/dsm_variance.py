@@ -82,9 +82,9 @@ def train_each(config: Config, target) -> dict:
     for vr in ESTIMATORS:
         apply, params = nets.pure(nets.MLPScore(2, config.hidden, rngs=nnx.Rngs(config.seed)))
         loss = lambda p, k, xs, vr=vr: objectives.dsm(lambda y: apply(p, y), k, xs, config.train_sigma, vr)
-        curve = []
-        for i in range(1, config.evaluations + 1):
-            result = jsm.fit(loss, params, data, optimizer=optax.adam(config.learning_rate), key=k_fit,
+        curve, optimizer = [], optax.adam(config.learning_rate)
+        for i in range(1, config.evaluations + 1):  # each segment resumes the run (and reuses the compiled steps)
+            result = jsm.fit(loss, params, data, optimizer=optimizer, key=k_fit,
                              steps=config.steps * i // config.evaluations, batch_size=256,
                              workdir=f"{config.workdir}/{name(vr)}", checkpoint_every=500, log_every=100,
                              progress=config.progress)

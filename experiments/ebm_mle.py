@@ -99,10 +99,10 @@ def train(config: Config, method: str, target=None):
     data, x_test = target.sample(k_data, config.n_train), target.sample(k_test, config.n_test)
     buffer = objectives.init_replay_buffer(k_buffer, config.buffer_size, 2, -BOX, BOX)
     evals, result = [], None
-    for i in range(1, config.evaluations + 1):  # each segment resumes the run where the last one stopped
+    loss, optimizer = loss_for(method, apply, config), optax.adam(config.learning_rate, b1=0.5)
+    for i in range(1, config.evaluations + 1):  # each segment resumes the run (and reuses the compiled steps)
         result = jsm.fit(
-            loss_for(method, apply, config), params, data,
-            optimizer=optax.adam(config.learning_rate, b1=0.5), key=k_fit,
+            loss, params, data, optimizer=optimizer, key=k_fit,
             steps=config.steps * i // config.evaluations, batch_size=config.batch_size,
             workdir=f"{config.workdir}/{method}", checkpoint_every=config.checkpoint_every,
             log_every=config.log_every, progress=config.progress,

@@ -79,8 +79,9 @@ def train_gan(config: Config, target, data) -> tuple[jax.Array, list[dict]]:
     loss = lambda p, k, xs: implicit.gan_loss(g_apply, d_apply, p, k, xs, config.latent_dim)
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
     history, params = [], {"generator": g_params, "discriminator": d_params}
-    for i in range(1, config.evaluations + 1):
-        result = jsm.fit(loss, params, data, optimizer=optax.adam(config.learning_rate, b1=0.5), key=key,
+    optimizer = optax.adam(config.learning_rate, b1=0.5)
+    for i in range(1, config.evaluations + 1):  # each segment resumes the run (and reuses the compiled steps)
+        result = jsm.fit(loss, params, data, optimizer=optimizer, key=key,
                          steps=config.gan_steps * i // config.evaluations, batch_size=config.batch_size,
                          workdir=f"{config.workdir}/gan", checkpoint_every=1000, log_every=100, progress=config.progress)
         g = lambda z, p=result.params["generator"]: g_apply(p, z)

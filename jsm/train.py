@@ -23,6 +23,7 @@ aux, new_state)`; that state is checkpointed and restored with the rest. It brin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -89,9 +90,14 @@ def _all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
+@functools.lru_cache(maxsize=16)
 def _make_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation, batch_size: int, length: int,
                 stateful: bool):
-    """A jitted function running up to `length` steps, stopping at `end` or at a non-finite step."""
+    """A jitted function running up to `length` steps, stopping at `end` or at a non-finite step.
+
+    Cached on its arguments, so that calling `fit` again with the same loss and optimizer
+    objects (training in segments, resuming in the same process) compiles nothing new.
+    """
     grad_fn = jax.value_and_grad(_loss_and_aux(loss_fn, stateful), has_aux=True)
 
     def batch_at(data: Array, data_key: Array, step: Array) -> Array:
@@ -268,6 +274,8 @@ def fit(
 
     stateful = objective_state is not None
     state = TrainState(jnp.asarray(0, jnp.int32), params, optimizer.init(params), key, objective_state)
+    # Committed to the device like a restored state, so a fresh and a resumed run share one compile.
+    state = jax.device_put(state, jax.devices()[0])
     mgr = metrics_path = None
     history: list[dict] = []
     if workdir is not None:

@@ -172,3 +172,24 @@ def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
     assert int(a.step) == int(b.step) == 300
     assert_same_params(a.params, b.params)
     assert_same_params(a.opt_state, b.opt_state)
+
+
+def test_nothing_recompiles_on_a_second_call(problem, tmp_path):
+    """fit in segments and run_chains called twice with the same shapes compile once."""
+    from jsm import samplers
+
+    loss, params, data = problem
+    optimizer = optax.adam(1e-2)
+    kw = dict(optimizer=optimizer, key=jax.random.key(0), batch_size=32, workdir=tmp_path, checkpoint_every=20,
+              log_every=10, progress=False)
+    jsm.fit(loss, params, data, steps=20, **kw)
+    chunk = train._make_chunk(loss, optimizer, 32, 10, False)
+    assert chunk._cache_size() == 1
+    jsm.fit(loss, params, data, steps=40, **kw)  # resumes in the same process
+    assert chunk._cache_size() == 1
+
+    kernel = samplers.ula(lambda x: -x, 0.1)
+    before = samplers._run._cache_size()
+    samplers.run_chains(kernel, jax.random.key(0), jnp.zeros((8, 2)), 10)
+    samplers.run_chains(kernel, jax.random.key(1), jnp.ones((8, 2)), 10)
+    assert samplers._run._cache_size() == before + 1
