@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -133,3 +134,28 @@ def test_dsm_variance(tmp_path):
     assert (tmp_path / "figures" / "variance.png").exists()
     ratios = out["variance_ratio_at_sigma=0.01"]
     assert ratios["antithetic"] > 100 and ratios["control_variate"] > 100
+
+
+def test_digits_split_is_fixed_by_seed_and_stratified():
+    from jsm import data
+
+    a, b, c = data.digits(0), data.digits(0), data.digits(1)
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    assert not np.array_equal(a.x_test, c.x_test)
+    assert a.x_train.shape == (1347, 64) and a.x_test.shape == (450, 64) and 0 <= a.x_train.min() and a.x_train.max() <= 1
+    assert np.all(np.bincount(a.y_test, minlength=10) >= 40)
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        data.digits(0, test_fraction=1.0)
+
+
+@pytest.mark.slow
+def test_digits_experiment_scores_every_set(tmp_path):
+    import digits
+
+    config = digits.Config(workdir=str(tmp_path), steps=20, hidden=(32,), n_levels=3, n_steps_each=5, log_every=10,
+                           checkpoint_every=20, progress=False)
+    out = digits.main(config)
+    assert (tmp_path / "figures" / "samples.png").exists() and out["classifier_test_accuracy"] > 0.9
+    real = out["real held-out digits"]
+    assert real["confidence"] > 0.8 and real["class_balance"] > 0.99 and abs(real["mmd2_to_held_out"]) < 0.01
+    assert out["Gaussian baseline"]["inception_score"] < real["inception_score"]
