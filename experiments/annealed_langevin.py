@@ -84,12 +84,7 @@ def train_ncsn(config: Config, target):
         target.sample(k_data, config.n_train),
         optimizer=optax.adam(config.learning_rate),
         key=k_fit,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        workdir=config.workdir,
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
-        progress=config.progress,
+        **runs.fit_options(config),
     )
     return (lambda x, s: apply(result.params, x, s)), result
 

@@ -56,9 +56,7 @@ def train(config: Config, split: data.Split):
     levels = schedule(config)
     loss = lambda p, k, xs: objectives.ncsn(lambda x, s: apply(p, x, s), k, xs, levels, variance_reduction="control_variate")
     result = jsm.fit(loss, params, jnp.asarray(split.x_train), optimizer=optax.adam(config.learning_rate),
-                     key=jax.random.key(config.seed), steps=config.steps, batch_size=config.batch_size,
-                     workdir=config.workdir, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                     progress=config.progress)
+                     key=jax.random.key(config.seed), **runs.fit_options(config))
     return (lambda x, s: apply(result.params, x, s)), result
 
 

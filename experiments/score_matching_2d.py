@@ -81,12 +81,7 @@ def train(config: Config, target=None):
         data,
         optimizer=optax.adam(config.learning_rate),
         key=k_fit,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        workdir=config.workdir,
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
-        progress=config.progress,
+        **runs.fit_options(config),
     )
     return (lambda x: apply(result.params, x)), result
 

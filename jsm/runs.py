@@ -105,3 +105,11 @@ def save_json(path: str | Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
     tmp.replace(path)
+
+
+FIT_FIELDS = ("steps", "batch_size", "workdir", "checkpoint_every", "log_every", "progress")
+
+
+def fit_options(config, **overrides) -> dict[str, Any]:
+    """The keyword arguments of `jsm.fit` that a config carries under the same names, plus overrides."""
+    return {name: getattr(config, name) for name in FIT_FIELDS if hasattr(config, name)} | overrides

@@ -214,6 +214,20 @@ def _chunk_row(step: int, losses, aux, taken, wall_s: float) -> dict:
 # --- the loop ------------------------------------------------------------------
 
 
+def _roll_back(state: TrainState, start: TrainState, mgr, last_saved: int | None, bad_step: int):
+    """The last good checkpoint (or the start), with the failed attempt's key folded with bad_step.
+
+    Folding the key of the attempt that failed (not the checkpoint's) chains the keys of
+    successive rollbacks, so two failures at the same step never reuse a key.
+    """
+    good = start
+    if mgr is not None and last_saved is not None:
+        mgr.wait_until_finished()
+        good = restore_latest(mgr.directory, state)
+    good = jax.device_put(good._replace(key=jax.random.fold_in(state.key, bad_step)), jax.devices()[0])
+    return good, int(good.step)
+
+
 def _next_multiple(step: int, every: int) -> int:
     return (step // every + 1) * every
 
@@ -233,6 +247,7 @@ def fit(
     log_every: int = 100,
     progress: bool = True,
     objective_state: PyTree = None,
+    rollbacks: int = 0,
 ) -> FitResult:
     """Minimise E_batch[loss(params, key, batch)] with `optimizer` for `steps` steps.
 
@@ -252,6 +267,10 @@ def fit(
       progress: show a progress bar.
       objective_state: the initial state of a stateful objective (see the module doc);
         None for `loss(params, key, batch)`.
+      rollbacks: how many times a non-finite step may be survived: the run goes back to
+        its last good checkpoint (or the start), replaces the key by fold_in(key, bad step)
+        (the key of the attempt that failed) and goes on. The new key is a function of the old one and the step, so a killed
+        and restarted run rolls back the same way. 0 raises at once.
 
     Returns:
       FitResult with the final params, optimizer state, objective state, step and the logged rows.
@@ -267,6 +286,7 @@ def fit(
     checkpoint_every = _validate.positive_int("checkpoint_every", checkpoint_every)
     keep = _validate.positive_int("keep", keep)
     log_every = _validate.positive_int("log_every", log_every)
+    rollbacks = _validate.positive_int("rollbacks", rollbacks, minimum=0)
     if batch_size > data.shape[0]:
         raise ValueError(f"batch_size must be <= the number of examples {data.shape[0]}, got {batch_size}")
     if not isinstance(optimizer, optax.GradientTransformation):
@@ -291,6 +311,7 @@ def fit(
     run_chunk = _make_chunk(loss_fn, optimizer, batch_size, min(log_every, checkpoint_every), stateful)
     step = int(state.step)
     last_saved = step if mgr is not None and mgr.latest_step() is not None else None
+    start_state = state  # where a rollback goes when no checkpoint was saved yet
     bar = tqdm(total=steps, initial=min(step, steps), disable=not progress, desc="fit", unit="step")
     try:
         while step < steps:
@@ -298,13 +319,25 @@ def fit(
             end = min(_next_multiple(step, log_every), _next_multiple(step, checkpoint_every), steps)
             new_state, halted, losses, aux, taken = run_chunk(state, data, jnp.asarray(end, jnp.int32))
             new_step = int(new_state.step)
+            if bool(halted) and rollbacks > 0:
+                rollbacks -= 1
+                state, step = _roll_back(state, start_state, mgr, last_saved, new_step + 1)
+                history = [row for row in history if row["step"] <= step]
+                if metrics_path is not None:
+                    _read_metrics(metrics_path, step)
+                bar.reset(total=steps)
+                bar.update(step)
+                bar.write(f"fit: non-finite at step {new_step + 1}; rolled back to step {step} with a new key "
+                          f"({rollbacks} rollbacks left)")
+                continue
             if bool(halted):
                 where = f"{mgr.directory}/{last_saved}" if last_saved is not None else "none saved yet"
                 raise NonFiniteError(
                     f"fit: the loss or a gradient became non-finite at step {new_step + 1}; "
                     f"that update was not applied. Last good checkpoint: {where} "
                     f"(step {last_saved}). Try a smaller learning rate, gradient clipping "
-                    f"(optax.clip_by_global_norm), or a larger noise scale / regulariser.",
+                    f"(optax.clip_by_global_norm), a larger noise scale / energy penalty, or "
+                    f"fit(..., rollbacks=k) to go back to the checkpoint with a new key.",
                     step=new_step + 1,
                     checkpoint_step=last_saved,
                     state=new_state,

@@ -159,3 +159,15 @@ def test_digits_experiment_scores_every_set(tmp_path):
     real = out["real held-out digits"]
     assert real["confidence"] > 0.8 and real["class_balance"] > 0.99 and abs(real["mmd2_to_held_out"]) < 0.01
     assert out["Gaussian baseline"]["inception_score"] < real["inception_score"]
+
+
+def test_benchmarks_run_at_a_tiny_size(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "bench"))
+    import chain_throughput
+    import trace_cost
+
+    rows = trace_cost.main(["--dims", "2", "--reps", "1", "--out", str(tmp_path / "t.json")])
+    assert {r["method"] for r in rows} >= {"jacfwd", "jacrev", "hutchinson", "ssm", "dsm"}
+    assert all(r["ms"] > 0 for r in rows) and (tmp_path / "t.json").exists()
+    rows = chain_throughput.main(["--chains", "16", "--steps", "5", "--reps", "1", "--out", str(tmp_path / "c.json")])
+    assert len([r for r in rows if r["sampler"].startswith("jsm")]) == 4

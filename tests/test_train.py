@@ -193,3 +193,24 @@ def test_nothing_recompiles_on_a_second_call(problem, tmp_path):
     samplers.run_chains(kernel, jax.random.key(0), jnp.zeros((8, 2)), 10)
     samplers.run_chains(kernel, jax.random.key(1), jnp.ones((8, 2)), 10)
     assert samplers._run._cache_size() == before + 1
+
+
+def test_rollback_goes_back_to_the_checkpoint_with_a_new_key(tmp_path):
+    """A loss that is NaN for some keys: raising by default, surviving with rollbacks, deterministically."""
+    def loss(p, k, xs):
+        value = jnp.mean((xs - p["m"]) ** 2)
+        return jnp.where(jax.random.uniform(k) < 0.03, jnp.nan, value)
+
+    data = jax.random.normal(jax.random.key(0), (64, 1)) + 3.0
+    kw = dict(optimizer=optax.sgd(0.05), key=jax.random.key(0), steps=200, batch_size=16, checkpoint_every=20,
+              log_every=10, progress=False)
+    with pytest.raises(train.NonFiniteError, match=r"fit\(\.\.\., rollbacks=k\)"):
+        jsm.fit(loss, {"m": jnp.float32(0.0)}, data, **kw)
+    a = jsm.fit(loss, {"m": jnp.float32(0.0)}, data, workdir=tmp_path / "a", rollbacks=50, **kw)
+    b = jsm.fit(loss, {"m": jnp.float32(0.0)}, data, workdir=tmp_path / "b", rollbacks=50, **kw)
+    assert a.step == 200 and [r["step"] for r in a.history] == list(range(10, 201, 10))
+    assert all(np.isfinite(r["loss"]) for r in a.history)
+    np.testing.assert_allclose(a.params["m"], 3.0, atol=0.3)
+    assert_same_params(a.params, b.params)
+    with pytest.raises(ValueError, match="rollbacks must be an int >= 0"):
+        jsm.fit(loss, {"m": jnp.float32(0.0)}, data, rollbacks=-1, **kw)

@@ -1,0 +1,49 @@
+"""Timing helpers shared by the benchmarks: compile first, then the median of several runs."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def machine() -> dict:
+    device = jax.devices()[0]
+    return {"device": device.device_kind, "platform": device.platform, "n_devices": jax.device_count(),
+            "cpu": platform.processor() or platform.machine(), "jax": jax.__version__}
+
+
+def time_call(fn, *args, reps: int = 5) -> float:
+    """Median seconds of fn(*args) after one compiling call; blocks on the result."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(n: int = 2048) -> float:
+    """Measured float32 matmul throughput of the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    mm = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / time_call(mm, a)
+
+
+def save(path: str | Path, rows: list[dict], **meta) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), **meta, "rows": rows}, indent=2) + "\n")
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""What does an exact trace cost against DSM as d grows? ISM loss + parameter gradient, measured.
+
+An MLP energy f_θ (3 hidden layers of 128, softplus), batch 256. Each method computes
+one training step's loss and its gradient with respect to θ:
+
+  jacfwd, jacrev   exact ISM, 1/2 |∇f|² - Δf, the Laplacian by `jsm.laplacian(method=...)`
+  folx             exact ISM with folx's forward Laplacian (peer; skipped if not installed)
+  hutchinson       ISM with a one-probe Hutchinson ESTIMATE of Δf
+  ssm              sliced score matching, one projection
+  dsm              denoising score matching
+
+Reported: milliseconds per step, the ratio to DSM, and the ratio to a FLOP lower bound
+of an exact Laplacian at the machine's measured matmul throughput. The bound counts the
+dense products any exact method must do: the value (2 b (d h + 2 h² + h)) and the d
+Jacobian columns through the two h x h layers (2 b d · 2 h²), times 3 for the gradient.
+
+    python experiments/bench/trace_cost.py --out runs/bench/trace_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_flops_per_second, save, table, time_call  # noqa: E402
+
+from jsm import nets, objectives, scores  # noqa: E402
+
+HIDDEN, BATCH = (128, 128, 128), 256
+
+
+def ism_energy(energy, xs, method):
+    """E[1/2 |∇f|² - Δf]: ISM for s = -∇f, with tr(∂s/∂x) = -Δf."""
+    grad, lap = jax.grad(energy), scores.laplacian(energy, method)
+    return jnp.mean(jax.vmap(lambda x: 0.5 * jnp.sum(grad(x) ** 2) - lap(x))(xs))
+
+
+def folx_laplacian(energy):
+    try:
+        import folx
+    except ImportError:
+        return None
+    return lambda x: folx.forward_laplacian(energy)(x).laplacian
+
+
+def losses(apply, d: int):
+    score = lambda p: (lambda x: -jax.grad(lambda y: apply(p, y))(x))
+    out = {
+        "jacfwd": lambda p, k, xs: ism_energy(lambda x: apply(p, x), xs, "jacfwd"),
+        "jacrev": lambda p, k, xs: ism_energy(lambda x: apply(p, x), xs, "jacrev"),
+        "hutchinson": lambda p, k, xs: jnp.mean(jax.vmap(
+            lambda x, kk: 0.5 * jnp.sum(score(p)(x) ** 2) + scores.hutchinson_divergence(score(p))(x, kk))(
+                xs, jax.random.split(k, xs.shape[0]))),
+        "ssm": lambda p, k, xs: objectives.ssm(score(p), k, xs, 1),
+        "dsm": lambda p, k, xs: objectives.dsm(score(p), k, xs, 0.1),
+    }
+    if folx_laplacian(lambda x: x.sum()) is not None:
+        def folx_ism(p, k, xs):
+            energy = lambda x: apply(p, x)
+            lap, grad = folx_laplacian(energy), jax.grad(energy)
+            return jnp.mean(jax.vmap(lambda x: 0.5 * jnp.sum(grad(x) ** 2) - lap(x))(xs))
+        out["folx"] = folx_ism
+    return out
+
+
+def lower_bound_flops(d: int, h: int = 128) -> float:
+    value = 2 * BATCH * (d * h + 2 * h * h + h)
+    jacobian = 2 * BATCH * d * 2 * h * h
+    return 3 * (value + jacobian)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", default="2,8,32,128,512")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default="runs/bench/trace_cost.json")
+    args = parser.parse_args(argv)
+    throughput = matmul_flops_per_second()
+    rows = []
+    for d in map(int, args.dims.split(",")):
+        apply, params = nets.pure(nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)))
+        xs = jax.random.normal(jax.random.key(0), (BATCH, d))
+        key = jax.random.key(1)
+        times = {name: time_call(jax.jit(jax.value_and_grad(loss)), params, key, xs, reps=args.reps)
+                 for name, loss in losses(apply, d).items()}
+        bound = lower_bound_flops(d) / throughput
+        for name, t in times.items():
+            rows.append({"d": d, "method": name, "ms": 1e3 * t, "x_dsm": t / times["dsm"],
+                         "x_flop_bound": t / bound if name in ("jacfwd", "jacrev", "folx") else float("nan")})
+        print(f"d={d}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items()), flush=True)
+    print(table(rows, ["d", "method", "ms", "x_dsm", "x_flop_bound"]))
+    save(args.out, rows, matmul_flops_per_second=throughput, batch=BATCH, hidden=HIDDEN)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
