@@ -22,13 +22,13 @@ tour: setup
 	JAX_PLATFORMS=cpu $(PY) experiments/tour.py $(ARGS)
 
 test: setup
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
 test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip
 	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[dev]"
-	JAX_PLATFORMS=cpu .venv-latest/bin/python -m pytest -q $(ARGS)
+	JAX_PLATFORMS=cpu .venv-latest/bin/python -m pytest -q -n auto --dist loadfile $(ARGS)
 
 # Re-pin requirements.lock from the newest releases that satisfy pyproject.toml.
 lock:
