@@ -24,6 +24,11 @@ tour: setup
 test: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
+# Benchmarks print a table and write JSON under runs/bench/ (peers: pip install blackjax folx).
+bench: setup
+	$(PY) experiments/bench/trace_cost.py $(ARGS)
+	$(PY) experiments/bench/chain_throughput.py $(ARGS)
+
 test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip
