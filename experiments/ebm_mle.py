@@ -50,6 +50,7 @@ class Config:
     n_train: int = 10_000
     n_test: int = 5_000
     grid_n: int = 128
+    long_run_chains: int = 2000  # chains of the figure's long Langevin runs from noise
     checkpoint_every: int = 200
     log_every: int = 50
     progress: bool = True
@@ -133,7 +134,7 @@ def main(config: Config) -> dict:
         energy, history, evals = train(config, method, target)
         out[method] = {"evaluations": evals, **evals[-1], "final_energy_gap": history[-1]["energy_gap"]}
         plot.energy(axes[1 + 2 * i], energy, LO, HI, title=f"{method.upper()}: energy f_θ")
-        plot.samples(axes[2 + 2 * i], long_run_samples(energy, config), LO, HI, bins=80,
+        plot.samples(axes[2 + 2 * i], long_run_samples(energy, config, config.long_run_chains), LO, HI, bins=80,
                      title=f"{method.upper()}: long Langevin runs from noise")
         print(f"{method}: held-out log-likelihood {evals[-1]['test_log_likelihood']:.3f} "
               f"(target {out['target_test_log_likelihood']:.3f}), mass where p ~ 0: {evals[-1]['spurious_mass']:.3f}")
