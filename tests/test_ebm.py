@@ -7,10 +7,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-import jsm
 from jsm import objectives as O
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))

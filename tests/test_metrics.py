@@ -117,7 +117,6 @@ def test_mmd_matches_slow_reference_and_is_unbiased(two_gaussians):
 
 
 def test_metric_inputs_are_checked():
-    key = jax.random.key(0)
     with pytest.raises(ValueError, match="xs and ys must have the same dimension d, got 2 and 3"):
         metrics.mmd(jnp.zeros((4, 2)), jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match="xs must hold at least one example"):
