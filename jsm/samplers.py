@@ -59,8 +59,13 @@ def _step_size(step_size) -> None:
     _validate.positive("step_size", step_size)
 
 
+def _langevin_move(x: Array, s: Array, a, u: Array) -> Array:
+    """The convention, in one place: x + a s + sqrt(2a) u."""
+    return x + a * s + jnp.sqrt(2.0 * a) * u
+
+
 def _langevin_proposal(key: Array, x: Array, s: Array, a) -> Array:
-    return x + a * s + jnp.sqrt(2.0 * a) * jax.random.normal(key, x.shape, x.dtype)
+    return _langevin_move(x, s, a, jax.random.normal(key, x.shape, x.dtype))
 
 
 def _finite(x: Array) -> Array:
@@ -157,7 +162,7 @@ def annealed_langevin(
             a = steps[level].astype(x.dtype)
         else:
             a = 2.0 * (snr * jnp.linalg.norm(u) / jnp.linalg.norm(s)) ** 2
-        x = x + a * s + jnp.sqrt(2.0 * a) * u
+        x = _langevin_move(x, s, a, u)
         one = jnp.ones((), x.dtype)
         return AnnealedState(x, state.t + 1), Info(one, jnp.bool_(True), _finite(x))
 
