@@ -24,8 +24,10 @@ tour: setup
 test: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
-# Benchmarks print a table and write JSON under runs/bench/ (peers: pip install blackjax folx).
+# Benchmarks print a table and write JSON under runs/bench/. The peers (folx, blackjax) are
+# installed beside the pinned stack, constrained by requirements.lock so that jax stays pinned.
 bench: setup
+	$(PY) -m pip install --quiet -c requirements.lock "folx==0.2.30" "blackjax==1.7.1"
 	$(PY) experiments/bench/trace_cost.py $(ARGS)
 	$(PY) experiments/bench/chain_throughput.py $(ARGS)
 

@@ -6,13 +6,14 @@ function here acts on ONE example x of shape (d,); `jax.vmap` batches,
 bookkeeping) are imported on demand.
 """
 
-from jsm import implicit, metrics, nets, objectives, partition, samplers, scores, targets, train
+from jsm import forward, implicit, metrics, nets, objectives, partition, samplers, scores, targets, train
 from jsm.scores import divergence, hutchinson_divergence, laplacian, score_of
 from jsm.train import fit
 
 __all__ = [
     "divergence",
     "fit",
+    "forward",
     "hutchinson_divergence",
     "implicit",
     "laplacian",

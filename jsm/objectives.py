@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jsm import _validate, samplers
-from jsm.scores import EXACT_METHODS, divergence, score_of
+from jsm.scores import METHODS, batch_value_and_divergence, score_of
 
 Array = jax.Array
 ScoreFn = Callable[[Array], Array]
@@ -71,18 +71,20 @@ def esm(score_fn: ScoreFn, true_score_fn: ScoreFn, xs: Array) -> Array:
 # --- implicit score matching: an exact trace instead of the true score ---------
 
 
-def ism_per_example(score_fn: ScoreFn, x: Array, method: str = "jacfwd") -> Array:
+def ism_per_example(score_fn: ScoreFn, x: Array, method: str = "auto") -> Array:
     """1/2 |s(x)|² + tr(∂s/∂x) for one x of shape (d,), the trace exact."""
-    s = score_fn(x)
-    return 0.5 * jnp.dot(s, s) + divergence(score_fn, method)(x)
+    s, div = batch_value_and_divergence(score_fn, method)(x[None])
+    return 0.5 * jnp.dot(s[0], s[0]) + div[0]
 
 
-def ism(score_fn: ScoreFn, xs: Array, method: str = "jacfwd") -> Array:
+def ism(score_fn: ScoreFn, xs: Array, method: str = "auto") -> Array:
     """Implicit score matching (Hyvärinen 2005): E_p [1/2 |s(x)|² + tr(∂s/∂x)].
 
-    The trace is exact (`method` in `jsm.scores.EXACT_METHODS`), never estimated.
-    On a finite data set a flexible s can drive this to -∞ by spiking the
-    divergence at the data points: regularise, or prefer `dsm`.
+    The trace is exact (`method` in `jsm.scores.METHODS`), never estimated. "auto"
+    takes the forward Laplacian with the batch folded into its matrix products; pass
+    `score_of(f)` for an energy model, so that s and tr ∂s/∂x = -Δf come from one
+    forward pass of f. On a finite data set a flexible s can drive this to -∞ by
+    spiking the divergence at the data points: regularise, or prefer `dsm`.
 
     Args:
       score_fn: s, (d,) -> (d,).
@@ -90,8 +92,8 @@ def ism(score_fn: ScoreFn, xs: Array, method: str = "jacfwd") -> Array:
       method: how the exact trace is computed.
     """
     xs = _validate.batch("xs", xs)
-    _validate.choice("method", method, EXACT_METHODS)
-    return _batch_mean(lambda x: ism_per_example(score_fn, x, method), xs)
+    s, div = batch_value_and_divergence(score_fn, method)(xs)
+    return jnp.mean(0.5 * jnp.sum(s * s, axis=-1) + div)
 
 
 # --- denoising score matching: learn the score of p_σ = p * N(0, σ² I) ---------

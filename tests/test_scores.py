@@ -78,7 +78,7 @@ def test_hutchinson_is_unbiased_with_the_stated_variance(gaussian2, probe, key):
 
 
 def test_unknown_method_raises_before_compiling(gaussian2):
-    with pytest.raises(ValueError, match=r"method must be one of \('jacfwd', 'jacrev'\), got 'hutchinson'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('forward', 'jacfwd', 'jacrev', 'auto'\), got 'hutchinson'"):
         jsm.divergence(gaussian2.score, "hutchinson")
     with pytest.raises(ValueError, match="probe must be one of"):
         jsm.hutchinson_divergence(gaussian2.score, probe="sphere")

@@ -3,11 +3,16 @@
 An MLP energy f_θ (3 hidden layers of 128, softplus), batch 256. Each method computes
 one training step's loss and its gradient with respect to θ:
 
+  forward          exact ISM, `jsm.objectives.ism(jsm.score_of(f), xs)` (the default "auto"): the
+                   forward Laplacian with the batch folded into its matrix products
   jacfwd, jacrev   exact ISM, 1/2 |∇f|² - Δf, the Laplacian by `jsm.laplacian(method=...)`
   folx             exact ISM with folx's forward Laplacian (peer; skipped if not installed)
   hutchinson       ISM with a one-probe Hutchinson ESTIMATE of Δf
   ssm              sliced score matching, one projection
   dsm              denoising score matching
+
+A second table does the same for a score NETWORK s_θ: (d,) -> (d,) (ISM with
+tr ∂s/∂x by "forward", "jacfwd" and "jacrev"): the measurements behind `method="auto"`.
 
 Reported: milliseconds per step, the ratio to DSM, and the ratio to a FLOP lower bound
 of an exact Laplacian at the machine's measured matmul throughput. The bound counts the
@@ -30,6 +35,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_flops_per_second, save, table, time_call  # noqa: E402
 
+import jsm  # noqa: E402
 from jsm import nets, objectives, scores  # noqa: E402
 
 HIDDEN, BATCH = (128, 128, 128), 256
@@ -52,6 +58,7 @@ def folx_laplacian(energy):
 def losses(apply, d: int):
     score = lambda p: (lambda x: -jax.grad(lambda y: apply(p, y))(x))
     out = {
+        "forward": lambda p, k, xs: objectives.ism(jsm.score_of(lambda x: apply(p, x)), xs, method="forward"),
         "jacfwd": lambda p, k, xs: ism_energy(lambda x: apply(p, x), xs, "jacfwd"),
         "jacrev": lambda p, k, xs: ism_energy(lambda x: apply(p, x), xs, "jacrev"),
         "hutchinson": lambda p, k, xs: jnp.mean(jax.vmap(
@@ -69,6 +76,14 @@ def losses(apply, d: int):
     return out
 
 
+def score_net_losses(apply):
+    return {m: (lambda p, k, xs, m=m: objectives.ism(lambda x: apply(p, x), xs, method=m))
+            for m in ("forward", "jacfwd", "jacrev")}
+
+
+EXACT = ("forward", "jacfwd", "jacrev", "folx")
+
+
 def lower_bound_flops(d: int, h: int = 128) -> float:
     value = 2 * BATCH * (d * h + 2 * h * h + h)
     jacobian = 2 * BATCH * d * 2 * h * h
@@ -79,22 +94,37 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="2,8,32,128,512")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--score-net-dims", default="2,8,32,128",
+                        help="dimensions of the score-network table ('' to skip it)")
     parser.add_argument("--out", default="runs/bench/trace_cost.json")
     args = parser.parse_args(argv)
     throughput = matmul_flops_per_second()
     rows = []
+    key = jax.random.key(1)
     for d in map(int, args.dims.split(",")):
         apply, params = nets.pure(nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)))
         xs = jax.random.normal(jax.random.key(0), (BATCH, d))
-        key = jax.random.key(1)
         times = {name: time_call(jax.jit(jax.value_and_grad(loss)), params, key, xs, reps=args.reps)
                  for name, loss in losses(apply, d).items()}
         bound = lower_bound_flops(d) / throughput
         for name, t in times.items():
-            rows.append({"d": d, "method": name, "ms": 1e3 * t, "x_dsm": t / times["dsm"],
-                         "x_flop_bound": t / bound if name in ("jacfwd", "jacrev", "folx") else float("nan")})
+            rows.append({"net": "energy", "d": d, "method": name, "ms": 1e3 * t, "x_dsm": t / times["dsm"],
+                         "x_jacfwd": t / times["jacfwd"],
+                         "x_flop_bound": t / bound if name in EXACT else float("nan")})
         print(f"d={d}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items()), flush=True)
-    print(table(rows, ["d", "method", "ms", "x_dsm", "x_flop_bound"]))
+    for d in (map(int, args.score_net_dims.split(",")) if args.score_net_dims else ()):
+        apply, params = nets.pure(nets.MLPScore(d, HIDDEN, rngs=nnx.Rngs(0)))
+        xs = jax.random.normal(jax.random.key(0), (BATCH, d))
+        times = {name: time_call(jax.jit(jax.value_and_grad(loss)), params, key, xs, reps=args.reps)
+                 for name, loss in score_net_losses(apply).items()}
+        for name, t in times.items():
+            rows.append({"net": "score", "d": d, "method": name, "ms": 1e3 * t, "x_jacfwd": t / times["jacfwd"],
+                         "auto": name == scores.resolve_method("auto", d, gradient_field=False)})
+    print("ISM loss + parameter gradient, MLP energy f_θ (score -∇f_θ):")
+    print(table([r for r in rows if r["net"] == "energy"], ["d", "method", "ms", "x_dsm", "x_jacfwd", "x_flop_bound"]))
+    if args.score_net_dims:
+        print("\nISM loss + parameter gradient, score network s_θ:")
+        print(table([r for r in rows if r["net"] == "score"], ["d", "method", "ms", "x_jacfwd", "auto"]))
     save(args.out, rows, matmul_flops_per_second=throughput, batch=BATCH, hidden=HIDDEN)
     return rows
 

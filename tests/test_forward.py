@@ -1,0 +1,121 @@
+"""The forward Laplacian against the jacfwd reference, on networks, targets and arbitrary JAX code."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jsm
+from jsm import forward, nets, objectives, targets
+
+
+def reference(fn):
+    """(value, Jacobian with the x axis first, Laplacian) by the obvious route: jacfwd of jacrev."""
+    def ref(x):
+        jac = jax.jacrev(fn)(x)  # fn(x).shape + (d,)
+        hess = jax.jacfwd(jax.jacrev(fn))(x)  # fn(x).shape + (d, d)
+        return fn(x), jnp.moveaxis(jac, -1, 0), jnp.trace(hess, axis1=-2, axis2=-1)
+    return ref
+
+
+def mlp_energy(d=5):
+    apply, params = nets.pure(nets.MLPEnergy(d, (16, 16), rngs=nnx.Rngs(1)))
+    return apply, params
+
+
+# Functions that exercise every rule of the interpreter: affine ops, elementwise ops (and the
+# custom_jvp softplus/relu), products of two x-dependent factors, calls (jit, checkpoint,
+# custom_vjp), loops, sorts and gathers (the generic rule), integer and boolean intermediates.
+@jax.custom_vjp
+def _sin(x):
+    return jnp.sin(x)
+
+
+_sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+FUNCTIONS = {
+    "logsumexp_products": lambda x: jax.nn.logsumexp(x) + jnp.sum(x * x) + (x @ x) * jnp.sin(x[0]),
+    "sort_prod_norm": lambda x: jnp.sum(jnp.sort(x) ** 3) + jnp.prod(x) + jnp.linalg.norm(x),
+    "fori_loop": lambda x: jax.lax.fori_loop(0, 3, lambda i, y: jnp.tanh(y) * 1.5, x).sum(),
+    "activations": lambda x: jnp.sum(jax.nn.relu(x) ** 2 + jax.nn.gelu(x) + jax.nn.silu(x) + jax.nn.softplus(x)),
+    "where_division": lambda x: x[0] ** 2 / (1 + x[1] ** 2) + jnp.where(x[2] > 0, x[2] ** 3, -x[2]),
+    "calls": lambda x: jnp.sum(jax.jit(jnp.cosh)(x) * jax.checkpoint(jnp.tanh)(x)) + jnp.sum(_sin(x) ** 2),
+    "vector_output": lambda x: jnp.tanh(jnp.outer(x, x[::-1]) @ x),
+    "stop_gradient": lambda x: jnp.sum(x**3 * jax.lax.stop_gradient(x)),
+}
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_forward_jet_matches_reference_on_jax_code(name):
+    fn = FUNCTIONS[name]
+    x = jax.random.normal(jax.random.key(0), (5,)) + 0.1
+    jet = jax.jit(forward.forward_jet(fn))(x)
+    want = jax.jit(reference(fn))(x)
+    if name == "stop_gradient":  # d/dx of x³·sg(x) treats sg(x) as a constant c: 6 c x summed
+        want = (want[0], 3 * x**2 * x, 6 * jnp.sum(x * x))
+    for got, ref in zip(jet, want):
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.numerics
+def test_forward_laplacian_of_targets_and_networks(mixture2, key):
+    apply, params = mlp_energy()
+    cases = [(mixture2.energy, mixture2.sample(key, 16)),
+             (targets.Banana().energy, jax.random.normal(key, (16, 2))),
+             (lambda x: apply(params, x), jax.random.normal(key, (16, 5)))]
+    for energy, xs in cases:
+        got = jax.jit(forward.forward_jet_batch(energy))(xs)
+        want = jax.jit(jax.vmap(reference(energy)))(xs)
+        for a, b in zip(got, (want[0], want[1], want[2])):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.numerics
+def test_batch_and_per_example_jets_agree(key):
+    apply, params = mlp_energy()
+    xs = jax.random.normal(key, (6, 5))
+    energy = lambda x: apply(params, x)
+    batched = jax.jit(forward.forward_jet_batch(energy))(xs)
+    vmapped = jax.jit(jax.vmap(forward.forward_jet(energy)))(xs)
+    for a, b in zip(batched, vmapped):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.numerics
+def test_parameter_gradient_of_the_laplacian_matches_jacfwd(key):
+    """The jet is differentiable in what the function closes over: ∇_θ Σ_i Δf_θ(x_i)."""
+    apply, params = mlp_energy()
+    xs = jax.random.normal(key, (6, 5))
+    fwd = lambda p: jnp.sum(forward.forward_jet_batch(lambda x: apply(p, x))(xs).laplacian)
+    ref = lambda p: jnp.sum(jax.vmap(jsm.laplacian(lambda x: apply(p, x), "jacfwd"))(xs))
+    got, want = jax.jit(jax.grad(fwd))(params), jax.jit(jax.grad(ref))(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.numerics
+def test_ism_is_the_same_loss_and_gradient_for_every_method(key):
+    """ISM's default ("auto" = forward) against the jacfwd reference, for an energy's score
+    (made by score_of: the second-order jet of f) and for a score network (first-order jet)."""
+    apply, params = mlp_energy()
+    s_apply, s_params = nets.pure(nets.MLPScore(5, (16, 16), rngs=nnx.Rngs(2)))
+    xs = jax.random.normal(key, (8, 5))
+    for make, p in [(lambda p: jsm.score_of(lambda x: apply(p, x)), params),
+                    (lambda p: (lambda x: s_apply(p, x)), s_params)]:
+        loss = {m: jax.jit(jax.value_and_grad(lambda p: objectives.ism(make(p), xs, method=m)))(p)
+                for m in ("auto", "jacfwd", "jacrev")}
+        for m in ("auto", "jacrev"):
+            np.testing.assert_allclose(loss[m][0], loss["jacfwd"][0], rtol=1e-5, atol=1e-6)
+            for a, b in zip(jax.tree.leaves(loss[m][1]), jax.tree.leaves(loss["jacfwd"][1])):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match=r"x must be ONE example of shape \(d,\), got shape \(2, 3\)"):
+        forward.forward_jet(jnp.sum)(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"xs must be a batch of shape \(n, d\), got shape \(3,\)"):
+        forward.forward_jet_batch(jnp.sum)(jnp.zeros(3))
+    with pytest.raises(ValueError, match="fn must return one array, got 2 outputs"):
+        forward.forward_jet(lambda x: (x, x))(jnp.zeros(3))
