@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jsm import _validate, samplers
-from jsm.scores import METHODS, batch_value_and_divergence, score_of
+from jsm.scores import batch_value_and_divergence, score_of
 
 Array = jax.Array
 ScoreFn = Callable[[Array], Array]
