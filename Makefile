@@ -12,7 +12,7 @@ ARGS   ?=
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
@@ -37,12 +37,13 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[dev]"
 	JAX_PLATFORMS=cpu .venv-latest/bin/python -m pytest -q -n auto --dist loadfile $(ARGS)
 
-# Re-pin requirements.lock from the newest releases that satisfy pyproject.toml.
+# Re-pin requirements.lock, with every file's sha256, from the newest releases that satisfy
+# pyproject.toml (pip-tools; the install above then refuses any file whose hash differs).
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install --quiet --upgrade pip
-	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
-	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^jsm' > requirements.lock
+	.venv-lock/bin/python -m pip install --quiet "pip-tools==7.6.2"
+	.venv-lock/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe --no-strip-extras \
+		--no-emit-index-url --no-emit-find-links --extra dev --output-file requirements.lock pyproject.toml
 	rm -rf .venv-lock
 
 clean:

@@ -14,11 +14,10 @@ Exact methods (`EXACT_METHODS`):
   "jacfwd"  the reference: the full d x d Jacobian by forward mode, then its trace.
   "jacrev"  the same Jacobian by reverse mode (d VJPs); cheaper when a pass is
             dominated by a wide first layer.
-  "auto"    the fastest for the shape, as measured by experiments/bench/trace_cost.py
-            (batch 256, 3 x 128 MLPs, 2 CPU cores): "forward" for Laplacians and for
-            scores made by `score_of` (1.7-2.8x faster than "jacfwd" at d = 2 to 512);
-            for other vector fields, whose forward pass is already d JVPs, "jacrev" at
-            8 <= d < 128 (up to 1.7x faster there) and "forward" outside.
+  "auto"    the fastest, as measured by experiments/bench/trace_cost.py (batch 256,
+            3 x 128 MLPs, d = 2 to 512): "forward". For Laplacians and scores made by
+            `score_of` it is 3-7x faster than "jacfwd"; for other vector fields all three
+            cost d JVPs and stay within about 25% of each other, in no stable order.
 Batched work should go through `batch_value_and_divergence`, which also folds the
 batch into the forward Laplacian's matrix products (one (n·d, in) x (in, out) product
 per layer instead of n products).
@@ -68,12 +67,10 @@ def score_of(energy: EnergyFn) -> VectorFn:
     return score
 
 
-def resolve_method(method: str, dim: int, gradient_field: bool = True) -> str:
-    """The exact method that `method` names for dimension `dim` ("auto": see the module docstring)."""
+def resolve_method(method: str) -> str:
+    """The exact method that `method` names ("auto": see the module docstring)."""
     _validate.choice("method", method, METHODS)
-    if method != "auto":
-        return method
-    return "forward" if gradient_field or not 8 <= dim < 128 else "jacrev"
+    return "forward" if method == "auto" else method
 
 
 def batch_value_and_divergence(vector_fn: VectorFn, method: str = "auto") -> Callable[[Array], tuple[Array, Array]]:
@@ -83,24 +80,27 @@ def batch_value_and_divergence(vector_fn: VectorFn, method: str = "auto") -> Cal
     handled as -∇f: one second-order forward jet of f gives both s = -∇f and
     tr ∂s/∂x = -Δf. Any other v gets a first-order forward jet (value and Jacobian).
     """
-    _validate.choice("method", method, METHODS)
+    exact = resolve_method(method)
     energy = getattr(vector_fn, "energy", None)
 
     def both(xs: Array) -> tuple[Array, Array]:
         if jnp.ndim(xs) != 2:
             raise ValueError(f"xs must be a batch of shape (n, d), got shape {jnp.shape(xs)}")
-        exact = resolve_method(method, xs.shape[1], energy is not None)
         if exact == "forward" and energy is not None:
             jet = forward_jet_batch(energy)(xs)
             return -jet.jacobian, -jet.laplacian
         if exact == "forward":
             jet = forward_jet_batch(vector_fn, second_order=False)(xs)
             return jet.value, jnp.trace(jet.jacobian, axis1=1, axis2=2)
-        jacobian = (jax.jacfwd if exact == "jacfwd" else jax.jacrev)(lambda x: (vector_fn(x),) * 2, has_aux=True)
-        jac, values = jax.vmap(jacobian)(xs)  # the value rides along as the Jacobian's aux output
-        return values, jnp.trace(jac, axis1=1, axis2=2)
+        return jax.vmap(vector_fn)(xs), jax.vmap(_jacobian_trace(vector_fn, exact))(xs)
 
     return both
+
+
+def _jacobian_trace(vector_fn: VectorFn, method: str) -> Callable[[Array], Array]:
+    """The reference: the full d x d Jacobian of ONE example by jacfwd or jacrev, then its trace."""
+    jacobian = jax.jacfwd(vector_fn) if method == "jacfwd" else jax.jacrev(vector_fn)
+    return lambda x: jnp.trace(jacobian(x))
 
 
 def divergence(vector_fn: VectorFn, method: str = "jacfwd") -> Callable[[Array], Array]:
@@ -113,11 +113,13 @@ def divergence(vector_fn: VectorFn, method: str = "jacfwd") -> Callable[[Array],
     Returns:
       A function of x with shape (d,) returning a scalar.
     """
+    _validate.choice("method", method, METHODS)
     both = batch_value_and_divergence(vector_fn, method)
+    reference = _jacobian_trace(vector_fn, method) if method in ("jacfwd", "jacrev") else None
 
     def div(x: Array) -> Array:
         _example(x)
-        return both(x[None])[1][0]
+        return reference(x) if reference is not None else both(x[None])[1][0]
 
     return div
 
@@ -127,8 +129,7 @@ def laplacian(energy: EnergyFn, method: str = "jacfwd") -> Callable[[Array], Arr
 
     Note tr(∂s/∂x) = -Δf for the score s = -∇f.
     """
-    _validate.choice("method", method, METHODS)
-    if method in ("forward", "auto"):  # "auto" is "forward" for every Laplacian
+    if resolve_method(method) == "forward":
         jet = forward_jet(energy)
 
         def lap(x: Array) -> Array:

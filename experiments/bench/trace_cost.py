@@ -119,7 +119,7 @@ def main(argv=None) -> list[dict]:
                  for name, loss in score_net_losses(apply).items()}
         for name, t in times.items():
             rows.append({"net": "score", "d": d, "method": name, "ms": 1e3 * t, "x_jacfwd": t / times["jacfwd"],
-                         "auto": name == scores.resolve_method("auto", d, gradient_field=False)})
+                         "auto": name == scores.resolve_method("auto")})
     print("ISM loss + parameter gradient, MLP energy f_θ (score -∇f_θ):")
     print(table([r for r in rows if r["net"] == "energy"], ["d", "method", "ms", "x_dsm", "x_jacfwd", "x_flop_bound"]))
     if args.score_net_dims:
