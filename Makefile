@@ -21,8 +21,10 @@ setup: $(VENV)/.installed
 tour: setup
 	JAX_PLATFORMS=cpu $(PY) experiments/tour.py $(ARGS)
 
+# The whole suite in float32, then the `numerics` tests again in float64 with tightened tolerances.
 test: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
+	JAX_PLATFORMS=cpu JAX_ENABLE_X64=1 $(PY) -m pytest -q -n auto --dist loadfile -m numerics $(ARGS)
 
 # Benchmarks print a table and write JSON under runs/bench/. The peers (folx, blackjax) are
 # installed beside the pinned stack, constrained by requirements.lock so that jax stays pinned.

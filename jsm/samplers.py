@@ -328,7 +328,7 @@ def _dual_averaging(make_kernel, key, x0, n_steps: int, delta: float, a0: float)
         log_a = mu - jnp.sqrt(i) / gamma * h
         w = i ** (-kappa)
         log_a_bar = w * log_a + (1 - w) * log_a_bar
-        bad = bad + jnp.sum(~info.is_finite)
+        bad = bad + jnp.sum(~info.is_finite, dtype=jnp.int32)
         return (state, h, log_a, log_a_bar, bad), None
 
     init = (state, jnp.zeros(()), jnp.log(jnp.asarray(a0)), jnp.zeros(()), jnp.zeros((), jnp.int32))

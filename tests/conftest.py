@@ -1,4 +1,10 @@
-"""Shared fixtures. Targets are built once per session so jitted functions compile once."""
+"""Shared fixtures. Targets are built once per session so jitted functions compile once.
+
+The `numerics` tests (closed forms, exact references) also run under JAX_ENABLE_X64=1
+(`make test` does both); `tol(float32, float64)` gives a comparison limited by round-off
+the tolerance of the precision in force. Comparisons limited by something else
+(quadrature, Monte Carlo) keep one tolerance.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +12,13 @@ import numpy as np
 import pytest
 
 from jsm import targets
+
+X64 = bool(jax.config.jax_enable_x64)
+
+
+def tol(float32: float, float64: float) -> float:
+    """A round-off-limited tolerance: `float64` when JAX_ENABLE_X64=1, else `float32`."""
+    return float64 if X64 else float32
 
 
 @pytest.fixture(scope="session")

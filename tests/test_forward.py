@@ -9,6 +9,8 @@ from flax import nnx
 import jsm
 from jsm import forward, nets, objectives, targets
 
+from conftest import tol
+
 
 def reference(fn):
     """(value, Jacobian with the x axis first, Laplacian) by the obvious route: jacfwd of jacrev."""
@@ -19,9 +21,14 @@ def reference(fn):
     return ref
 
 
+def in_default_float(params):
+    """Parameters in the default float type (float64 under JAX_ENABLE_X64), so gradients are too."""
+    return jax.tree.map(lambda a: a.astype(jnp.zeros(()).dtype), params)
+
+
 def mlp_energy(d=5):
     apply, params = nets.pure(nets.MLPEnergy(d, (16, 16), rngs=nnx.Rngs(1)))
-    return apply, params
+    return apply, in_default_float(params)
 
 
 # Functions that exercise every rule of the interpreter: affine ops, elementwise ops (and the
@@ -56,7 +63,7 @@ def test_forward_jet_matches_reference_on_jax_code(name):
     if name == "stop_gradient":  # d/dx of x³·sg(x) treats sg(x) as a constant c: 6 c x summed
         want = (want[0], 3 * x**2 * x, 6 * jnp.sum(x * x))
     for got, ref in zip(jet, want):
-        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(got, ref, rtol=tol(2e-5, 1e-10), atol=tol(2e-5, 1e-10))
 
 
 @pytest.mark.numerics
@@ -69,7 +76,7 @@ def test_forward_laplacian_of_targets_and_networks(mixture2, key):
         got = jax.jit(forward.forward_jet_batch(energy))(xs)
         want = jax.jit(jax.vmap(reference(energy)))(xs)
         for a, b in zip(got, (want[0], want[1], want[2])):
-            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(a, b, rtol=tol(2e-5, 1e-10), atol=tol(2e-5, 1e-10))
 
 
 @pytest.mark.numerics
@@ -80,7 +87,7 @@ def test_batch_and_per_example_jets_agree(key):
     batched = jax.jit(forward.forward_jet_batch(energy))(xs)
     vmapped = jax.jit(jax.vmap(forward.forward_jet(energy)))(xs)
     for a, b in zip(batched, vmapped):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=tol(1e-6, 1e-12), atol=tol(1e-6, 1e-12))
 
 
 @pytest.mark.numerics
@@ -92,7 +99,7 @@ def test_parameter_gradient_of_the_laplacian_matches_jacfwd(key):
     ref = lambda p: jnp.sum(jax.vmap(jsm.laplacian(lambda x: apply(p, x), "jacfwd"))(xs))
     got, want = jax.jit(jax.grad(fwd))(params), jax.jit(jax.grad(ref))(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
 
 
 @pytest.mark.numerics
@@ -101,15 +108,16 @@ def test_ism_is_the_same_loss_and_gradient_for_every_method(key):
     (made by score_of: the second-order jet of f) and for a score network (first-order jet)."""
     apply, params = mlp_energy()
     s_apply, s_params = nets.pure(nets.MLPScore(5, (16, 16), rngs=nnx.Rngs(2)))
+    s_params = in_default_float(s_params)
     xs = jax.random.normal(key, (8, 5))
     for make, p in [(lambda p: jsm.score_of(lambda x: apply(p, x)), params),
                     (lambda p: (lambda x: s_apply(p, x)), s_params)]:
         loss = {m: jax.jit(jax.value_and_grad(lambda p: objectives.ism(make(p), xs, method=m)))(p)
                 for m in ("auto", "jacfwd", "jacrev")}
         for m in ("auto", "jacrev"):
-            np.testing.assert_allclose(loss[m][0], loss["jacfwd"][0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(loss[m][0], loss["jacfwd"][0], rtol=tol(1e-5, 1e-11), atol=tol(1e-6, 1e-12))
             for a, b in zip(jax.tree.leaves(loss[m][1]), jax.tree.leaves(loss["jacfwd"][1])):
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
 
 
 def test_bad_input_names_the_argument():

@@ -7,6 +7,8 @@ from flax import nnx
 
 from jsm import implicit, nets
 
+from conftest import tol
+
 
 def test_gan_loss_gives_each_player_its_own_gradient(key):
     rngs = nnx.Rngs(0)
@@ -24,7 +26,7 @@ def test_gan_loss_gives_each_player_its_own_gradient(key):
     loss_g = lambda pg: -jnp.mean(jnp.log(jax.nn.sigmoid(logits(dp, fake(pg)))))
     for got, want in ((grads["discriminator"], jax.grad(loss_d)(dp)), (grads["generator"], jax.grad(loss_g)(gp))):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
 
 
 def test_push_forward_shapes_and_checks(key):

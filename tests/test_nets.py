@@ -8,6 +8,8 @@ from flax import nnx
 import jsm
 from jsm import nets
 
+from conftest import tol
+
 
 def test_shapes_and_pure_apply_match_the_module():
     x = jnp.ones(3)
@@ -36,4 +38,4 @@ def test_noise_conditional_score_scales_as_one_over_sigma():
     assert ncs(x, 0.5).shape == (2,) and ncs(jnp.ones((4, 2)), 0.5).shape == (4, 2)
     # s(x, σ) = g(x, log σ) / σ: removing the 1/σ leaves a function of log σ only.
     h = jnp.concatenate([x, jnp.log(jnp.array([0.5]))])
-    np.testing.assert_allclose(ncs(x, 0.5) * 0.5, ncs.mlp(h), rtol=1e-6)
+    np.testing.assert_allclose(ncs(x, 0.5) * 0.5, ncs.mlp(h), rtol=tol(1e-6, 1e-12))

@@ -13,7 +13,7 @@ from flax import nnx
 
 import jsm
 from jsm import nets, objectives as O
-from conftest import grid_2d
+from conftest import grid_2d, tol
 
 
 def linear_score(A, b):
@@ -50,7 +50,7 @@ def test_esm_and_ism_of_a_linear_score_match_closed_forms(gaussian2, key):
     B, c = A + P, b - P @ m
     esm_exact = 0.5 * (jnp.trace(B @ S @ B.T) + jnp.sum((B @ m + c) ** 2))
     ism_exact = 0.5 * (jnp.trace(A @ S @ A.T) + jnp.sum((A @ m + b) ** 2)) + jnp.trace(A)
-    np.testing.assert_allclose(esm_exact - ism_exact, 0.5 * jnp.trace(P), rtol=1e-5)
+    np.testing.assert_allclose(esm_exact - ism_exact, 0.5 * jnp.trace(P), rtol=tol(1e-5, 1e-12))
 
     xs = gaussian2.sample(key, 50_000)
     s = linear_score(A, b)
@@ -60,8 +60,8 @@ def test_esm_and_ism_of_a_linear_score_match_closed_forms(gaussian2, key):
         mean, se = mean_and_se(per_example)
         assert abs(mean - float(exact)) < 5 * se
     # The batch forms are the means of the per-example forms.
-    np.testing.assert_allclose(O.esm(s, gaussian2.score, xs), esm_i.mean(), rtol=1e-5)
-    np.testing.assert_allclose(O.ism(s, xs), ism_i.mean(), rtol=1e-5)
+    np.testing.assert_allclose(O.esm(s, gaussian2.score, xs), esm_i.mean(), rtol=tol(1e-5, 1e-12))
+    np.testing.assert_allclose(O.ism(s, xs), ism_i.mean(), rtol=tol(1e-5, 1e-12))
 
 
 @pytest.mark.numerics
@@ -120,7 +120,7 @@ def test_dsm_draws_its_noise_as_documented(mlp_scores, mixture2, key):
     xs = mixture2.sample(key, 64)
     eps = sigma * jax.random.normal(key, xs.shape)
     manual = jnp.mean(jax.vmap(lambda x, e: O.dsm_per_example(s, x, e, sigma))(xs, eps))
-    np.testing.assert_allclose(O.dsm(s, key, xs, sigma), manual, rtol=1e-6)
+    np.testing.assert_allclose(O.dsm(s, key, xs, sigma), manual, rtol=tol(1e-6, 1e-12))
 
 
 @pytest.mark.numerics
@@ -156,13 +156,13 @@ def test_ncsn_weights_each_level_by_sigma_squared(mixture2, key):
     np.testing.assert_allclose(
         O.ncsn_per_example(s, x, eps, sigma),
         sigma**2 * O.dsm_per_example(lambda y: s(y, sigma), x, eps, sigma),
-        rtol=1e-6,
+        rtol=tol(1e-6, 1e-12),
     )
     # With a single level, the batch loss is σ² times DSM at that level, draw for draw.
     xs = mixture2.sample(key, 32)
     one = float(O.ncsn(s, key, xs, jnp.array([0.4])))
     _, k_noise = jax.random.split(key)
-    np.testing.assert_allclose(one, 0.16 * float(O.dsm(lambda y: s(y, 0.4), k_noise, xs, 0.4)), rtol=1e-5)
+    np.testing.assert_allclose(one, 0.16 * float(O.dsm(lambda y: s(y, 0.4), k_noise, xs, 0.4)), rtol=tol(1e-5, 1e-12))
 
 
 @pytest.mark.slow

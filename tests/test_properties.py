@@ -11,6 +11,8 @@ import jsm
 from jsm import objectives as O
 from jsm import targets
 
+from conftest import tol
+
 settings.register_profile("ci", derandomize=True, max_examples=15, deadline=None)
 settings.load_profile("ci")
 
@@ -33,8 +35,8 @@ def test_translating_a_target_translates_its_score_and_laplacian(x, shift):
     moved = targets.GaussianMixture(MIX.means + shift, MIX.scales, MIX.weights)
     s0, l0 = score_and_lap(MIX, x)
     s1, l1 = score_and_lap(moved, x + shift)
-    np.testing.assert_allclose(s1, s0, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(l1, l0, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(s1, s0, rtol=tol(1e-3, 1e-9), atol=tol(1e-3, 1e-9))
+    np.testing.assert_allclose(l1, l0, rtol=tol(1e-3, 1e-9), atol=tol(1e-3, 1e-9))
 
 
 @given(x=vec2, theta=angle)
@@ -43,8 +45,8 @@ def test_rotating_a_target_rotates_its_score_and_keeps_its_laplacian(x, theta):
     turned = targets.GaussianMixture(MIX.means @ r.T, MIX.scales, MIX.weights)
     s0, l0 = score_and_lap(MIX, x)
     s1, l1 = score_and_lap(turned, r @ x)
-    np.testing.assert_allclose(s1, r @ s0, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(l1, l0, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(s1, r @ s0, rtol=tol(1e-3, 1e-9), atol=tol(1e-3, 1e-9))
+    np.testing.assert_allclose(l1, l0, rtol=tol(1e-3, 1e-9), atol=tol(1e-3, 1e-9))
 
 
 @given(seed=st.integers(0, 2**16))
@@ -53,12 +55,12 @@ def test_objectives_do_not_depend_on_the_order_of_the_batch(seed):
     xs = MIX.sample(key, 16)
     perm = jax.random.permutation(jax.random.fold_in(key, 1), 16)
     s = lambda x: jnp.tanh(x) - 0.5 * x
-    np.testing.assert_allclose(O.esm(s, MIX.score, xs[perm]), O.esm(s, MIX.score, xs), rtol=1e-5)
-    np.testing.assert_allclose(O.ism(s, xs[perm]), O.ism(s, xs), rtol=1e-5)
+    np.testing.assert_allclose(O.esm(s, MIX.score, xs[perm]), O.esm(s, MIX.score, xs), rtol=tol(1e-5, 1e-12))
+    np.testing.assert_allclose(O.ism(s, xs[perm]), O.ism(s, xs), rtol=tol(1e-5, 1e-12))
     # DSM pairs noise with positions: permuting the data and its noise together leaves the loss unchanged.
     eps = 0.3 * jax.random.normal(key, xs.shape)
     per = lambda xs, eps: jnp.mean(jax.vmap(lambda x, e: O.dsm_per_example(s, x, e, 0.3))(xs, eps))
-    np.testing.assert_allclose(per(xs[perm], eps[perm]), per(xs, eps), rtol=1e-5)
+    np.testing.assert_allclose(per(xs[perm], eps[perm]), per(xs, eps), rtol=tol(1e-5, 1e-12))
 
 
 @given(n=st.integers(1, 3), d=st.integers(1, 3))

@@ -9,6 +9,8 @@ from flax import nnx
 import jsm
 from jsm import nets, scores
 
+from conftest import tol
+
 
 def mixture_divergence(t, x):
     """tr ∂s/∂x for s the score of an isotropic mixture, by hand.
@@ -29,8 +31,8 @@ def test_gaussian_divergence_and_laplacian(gaussian2, method, key):
     trace_precision = jnp.trace(jnp.linalg.inv(gaussian2.cov))
     div = jax.jit(jax.vmap(jsm.divergence(gaussian2.score, method)))(xs)
     lap = jax.jit(jax.vmap(jsm.laplacian(gaussian2.energy, method)))(xs)
-    np.testing.assert_allclose(div, -trace_precision * np.ones(8), rtol=1e-5)
-    np.testing.assert_allclose(lap, trace_precision * np.ones(8), rtol=1e-5)
+    np.testing.assert_allclose(div, -trace_precision * np.ones(8), rtol=tol(1e-5, 1e-12))
+    np.testing.assert_allclose(lap, trace_precision * np.ones(8), rtol=tol(1e-5, 1e-12))
 
 
 @pytest.mark.numerics
@@ -39,14 +41,14 @@ def test_mixture_divergence_closed_form(mixture2, method, key):
     xs = mixture2.sample(key, 32)
     got = jax.jit(jax.vmap(jsm.divergence(mixture2.score, method)))(xs)
     want = jax.jit(jax.vmap(lambda x: mixture_divergence(mixture2, x)))(xs)
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(got, want, rtol=tol(2e-4, 1e-10), atol=tol(2e-4, 1e-10))
 
 
 @pytest.mark.numerics
 def test_score_of_energy_is_analytic_score(mixture2, key):
     xs = mixture2.sample(key, 16)
     both = jax.jit(jax.vmap(lambda x: (jsm.score_of(mixture2.energy)(x), mixture2.score(x))))
-    np.testing.assert_allclose(*both(xs), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(*both(xs), rtol=tol(1e-4, 1e-11), atol=tol(1e-5, 1e-12))
 
 
 @pytest.mark.numerics
@@ -59,7 +61,7 @@ def test_exact_methods_agree_on_a_network(key):
     hessians = np.asarray(jax.jit(jax.vmap(jax.hessian(energy)))(xs))
     ref = [sum(h[i, i] for i in range(5)) for h in hessians]
     for m in scores.EXACT_METHODS:
-        np.testing.assert_allclose(lap[m], ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lap[m], ref, rtol=tol(1e-5, 1e-11), atol=tol(1e-6, 1e-12))
 
 
 @pytest.mark.numerics

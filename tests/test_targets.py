@@ -7,7 +7,7 @@ import pytest
 from scipy import integrate, special, stats
 
 from jsm import targets
-from conftest import all_targets, grid_2d
+from conftest import all_targets, grid_2d, tol
 
 TARGETS = all_targets()
 
@@ -19,7 +19,7 @@ def test_score_is_minus_grad_energy(name, key):
     xs = t.sample(key, 64)
     both = jax.jit(jax.vmap(lambda x: (t.score(x), -jax.grad(t.energy)(x))))
     analytic, autodiff = both(xs)
-    np.testing.assert_allclose(analytic, autodiff, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(analytic, autodiff, rtol=tol(1e-4, 1e-10), atol=tol(1e-4, 1e-10))
 
 
 @pytest.mark.numerics
@@ -124,7 +124,7 @@ def test_noised_is_convolution_with_gaussian(name, key):
 def test_targets_are_pytrees_through_jit(key):
     t = TARGETS["mixture"]
     f = jax.jit(lambda t, x: t.log_prob(x))
-    np.testing.assert_allclose(f(t, jnp.zeros(2)), t.log_prob(jnp.zeros(2)), rtol=1e-6)
+    np.testing.assert_allclose(f(t, jnp.zeros(2)), t.log_prob(jnp.zeros(2)), rtol=tol(1e-6, 1e-12))
     leaves = jax.tree.leaves(t)
     assert len(leaves) == 3
 
