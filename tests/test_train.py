@@ -128,30 +128,36 @@ def test_non_finite_data_is_refused(problem):
 
 SMALL = ["--steps", "300", "--checkpoint-every", "30", "--log-every", "15", "--hidden", "32,32",
          "--n-train", "2000", "--n-test", "500", "--n-chains", "64", "--langevin-steps", "10", "--no-progress"]
+# PCD with its replay buffer: 2 evaluation segments, each resuming the run inside the script.
+SMALL_PCD = ["--method", "pcd", "--steps", "120", "--evaluations", "2", "--checkpoint-every", "10", "--log-every", "10",
+             "--hidden", "16,16", "--n-train", "1024", "--n-test", "256", "--batch-size", "64", "--buffer-size", "256",
+             "--grid-n", "32", "--long-run-chains", "64", "--steps-langevin", "5", "--no-progress"]
 
 
-def _command(workdir):
-    return [sys.executable, str(ROOT / "experiments" / "score_matching_2d.py"), "--workdir", str(workdir), *SMALL]
+def _command(script, workdir, args):
+    return [sys.executable, str(ROOT / "experiments" / script), "--workdir", str(workdir), *args]
 
 
-def _finalised_steps(workdir):
-    ckpts = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+def _finalised_steps(checkpoints: Path):
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
 
 
-@pytest.mark.slow
-def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
+def _kill_and_resume(tmp_path, script, args, run_dir=""):
+    """Run once whole; run again killed 3 times at random moments (some in a save) and restarted with
+    the same command each time; return the two workdirs. `run_dir` is where the checkpoints live."""
     # A persistent compilation cache shared by the runs: each restart skips the compiles.
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    subprocess.run(_command(tmp_path / "whole"), check=True, env=env, capture_output=True)
-
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_command(script, whole, args), check=True, env=env, capture_output=True)
+    checkpoints = killed / run_dir / "checkpoints"
     rng, kills = random.Random(0), 0
     while kills < 3:
-        proc = subprocess.Popen(_command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before = len(_finalised_steps(tmp_path / "killed"))
+        proc = subprocess.Popen(_command(script, killed, args), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        before = len(_finalised_steps(checkpoints))
         deadline = time.time() + 120
-        while len(_finalised_steps(tmp_path / "killed")) <= before and proc.poll() is None and time.time() < deadline:
+        while len(_finalised_steps(checkpoints)) <= before and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the next chunk, or in the middle of a save
         if proc.poll() is not None:
@@ -160,18 +166,42 @@ def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
         proc.wait()
         kills += 1
     assert kills >= 2
-    subprocess.run(_command(tmp_path / "killed"), check=True, env=env, capture_output=True)
+    subprocess.run(_command(script, killed, args), check=True, env=env, capture_output=True)
+    return whole / run_dir, killed / run_dir
 
-    whole, killed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
-    assert whole == killed
-    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
-    assert losses("whole") == losses("killed")
+
+def _logged(run_dir: Path, *fields):
+    return [tuple(r[f] for f in fields) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.slow
+def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
+    whole, killed = _kill_and_resume(tmp_path, "score_matching_2d.py", SMALL)
+    assert json.loads((whole / "results.json").read_text()) == json.loads((killed / "results.json").read_text())
+    assert _logged(whole, "step", "loss") == _logged(killed, "step", "loss")
     apply, params = nets.pure(nets.MLPScore(2, (32, 32), rngs=nnx.Rngs(0)))
     like = train.TrainState(jnp.int32(0), params, optax.adam(1e-3).init(params), jax.random.key(0))
-    a, b = (train.restore_latest(tmp_path / d / "checkpoints", like) for d in ("whole", "killed"))
+    a, b = (train.restore_latest(d / "checkpoints", like) for d in (whole, killed))
     assert int(a.step) == int(b.step) == 300
     assert_same_params(a.params, b.params)
     assert_same_params(a.opt_state, b.opt_state)
+
+
+@pytest.mark.slow
+def test_killed_pcd_run_resumes_to_identical_parameters_and_chains(tmp_path):
+    """ebm_mle.py --method pcd: the replay buffer of persistent chains is part of what must come back."""
+    whole, killed = _kill_and_resume(tmp_path, "ebm_mle.py", SMALL_PCD, run_dir="pcd")
+    assert json.loads((whole.parent / "results.json").read_text()) == json.loads((killed.parent / "results.json").read_text())
+    assert _logged(whole, "step", "loss", "energy_gap") == _logged(killed, "step", "loss", "energy_gap")
+    apply, params = nets.pure(nets.MLPEnergy(2, (16, 16), rngs=nnx.Rngs(0)))
+    buffer = jnp.zeros((256, 2))
+    opt_state = optax.adam(1e-3, b1=0.5).init(params)
+    like = train.TrainState(jnp.int32(0), params, opt_state, jax.random.key(0), buffer)
+    a, b = (train.restore_latest(d / "checkpoints", like) for d in (whole, killed))
+    assert int(a.step) == int(b.step) == 120
+    assert_same_params(a.params, b.params)
+    assert_same_params(a.opt_state, b.opt_state)
+    assert_same_params(a.objective_state, b.objective_state)
 
 
 def test_nothing_recompiles_on_a_second_call(problem, tmp_path):
