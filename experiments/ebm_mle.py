@@ -17,7 +17,9 @@ results.json and figures/energy.png in <workdir>.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -99,18 +101,28 @@ def train(config: Config, method: str, target=None):
     f = energy_model(apply, config)
     data, x_test = target.sample(k_data, config.n_train), target.sample(k_test, config.n_test)
     buffer = objectives.init_replay_buffer(k_buffer, config.buffer_size, 2, -BOX, BOX)
-    evals, result = [], None
     loss, optimizer = loss_for(method, apply, config), optax.adam(config.learning_rate, b1=0.5)
+    # Each evaluation is saved before the next segment starts, so a restarted run reuses it instead of
+    # evaluating whatever later checkpoint it resumes from: a killed run reports the same numbers.
+    saved = Path(config.workdir) / method / "evaluations.json"
+    done = {e["step"]: e for e in (json.loads(saved.read_text()) if saved.exists() else [])}
+    evals, result = [], None
     for i in range(1, config.evaluations + 1):  # each segment resumes the run (and reuses the compiled steps)
+        until = config.steps * i // config.evaluations
+        if until in done and i < config.evaluations:
+            evals.append(done[until])
+            continue
         result = jsm.fit(
             loss, params, data, optimizer=optimizer, key=k_fit,
-            steps=config.steps * i // config.evaluations, batch_size=config.batch_size,
+            steps=until, batch_size=config.batch_size,
             workdir=f"{config.workdir}/{method}", checkpoint_every=config.checkpoint_every,
             log_every=config.log_every, progress=config.progress,
             objective_state=buffer if method == "pcd" else None,
         )
         energy = lambda x, p=result.params: f(p, x)
-        evals.append({"step": result.step, **exact_scores(energy, target, x_test, config)})
+        evals.append(done.get(result.step) or {"step": result.step, **exact_scores(energy, target, x_test, config)})
+        done[result.step] = evals[-1]
+        runs.save_json(saved, evals)
     return (lambda x: f(result.params, x)), result.history, evals
 
 
