@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jsm import _validate
+
 Array = jax.Array
 
 
@@ -67,17 +69,33 @@ class MLPScore(nnx.Module):
 class NoiseConditionalScore(nnx.Module):
     """s_θ(x, σ): ((d,), ()) -> (d,), one network for every noise level.
 
-    s_θ(x, σ) = g_θ(x, log σ) / σ: the 1/σ is the size of the true noised score
-    (Song & Ermon 2020), so g_θ only learns a direction of order one.
+    Default: s_θ(x, σ) = g_θ(x, log σ) / σ: the 1/σ is the size of the true noised
+    score (Song & Ermon 2020), so g_θ only learns a direction of order one.
+
+    With `data_scale` = σ_d, the per-coordinate scale of (centred) data, the network
+    is preconditioned as in Karras et al. (2022): it sees c_in x = x / sqrt(σ² + σ_d²),
+    of order one at every level, and corrects the score of N(0, (σ² + σ_d²) I):
+
+        s_θ(x, σ) = -x / (σ² + σ_d²) + σ_d / (σ sqrt(σ² + σ_d²)) · g_θ(c_in x, log σ / 4),
+
+    i.e. the score of their denoiser c_skip x + c_out g_θ. Centre the data first.
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), *, rngs: nnx.Rngs, **kw):
+    def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), *, rngs: nnx.Rngs,
+                 data_scale: float | None = None, **kw):
         self.mlp = MLP(dim + 1, hidden, dim, rngs=rngs, **kw)
+        if data_scale is not None:
+            _validate.positive("data_scale", data_scale)
+            data_scale = float(data_scale)
+        self.data_scale = data_scale
 
     def __call__(self, x: Array, sigma: Array) -> Array:
-        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:-1])
-        h = jnp.concatenate([x, jnp.log(sigma)[..., None]], axis=-1)
-        return self.mlp(h) / sigma[..., None]
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:-1])[..., None]
+        if self.data_scale is None:
+            return self.mlp(jnp.concatenate([x, jnp.log(sigma)], axis=-1)) / sigma
+        total = sigma**2 + self.data_scale**2
+        g = self.mlp(jnp.concatenate([x / jnp.sqrt(total), jnp.log(sigma) / 4], axis=-1))
+        return -x / total + self.data_scale / (sigma * jnp.sqrt(total)) * g
 
 
 def pure(module: nnx.Module) -> tuple[Callable[..., Any], nnx.State]:

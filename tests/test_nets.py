@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import jsm
@@ -39,3 +40,16 @@ def test_noise_conditional_score_scales_as_one_over_sigma():
     # s(x, σ) = g(x, log σ) / σ: removing the 1/σ leaves a function of log σ only.
     h = jnp.concatenate([x, jnp.log(jnp.array([0.5]))])
     np.testing.assert_allclose(ncs(x, 0.5) * 0.5, ncs.mlp(h), rtol=tol(1e-6, 1e-12))
+
+
+@pytest.mark.numerics
+def test_preconditioned_score_is_a_gaussian_score_plus_a_scaled_correction():
+    """With data_scale σ_d: s = -x/(σ²+σ_d²) + σ_d/(σ sqrt(σ²+σ_d²)) g(x/sqrt(σ²+σ_d²), log σ/4)."""
+    ncs = nets.NoiseConditionalScore(3, (8,), rngs=nnx.Rngs(0), data_scale=0.4)
+    x, sigma, total = jnp.array([0.3, -0.2, 1.5]), 0.7, 0.7**2 + 0.4**2
+    g = ncs.mlp(jnp.concatenate([x / jnp.sqrt(total), jnp.log(jnp.array([sigma])) / 4]))
+    want = -x / total + 0.4 / (sigma * jnp.sqrt(total)) * g
+    np.testing.assert_allclose(ncs(x, sigma), want, rtol=tol(1e-6, 1e-12), atol=tol(1e-7, 1e-14))
+    assert ncs(jnp.ones((5, 3)), sigma).shape == (5, 3)
+    with pytest.raises(ValueError, match="data_scale must be positive and finite, got -1.0"):
+        nets.NoiseConditionalScore(3, (8,), rngs=nnx.Rngs(0), data_scale=-1.0)
