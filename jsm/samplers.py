@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import log_ndtr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jsm import _validate
@@ -106,14 +107,16 @@ def mala(log_prob_fn: Callable[[Array], Array], step_size: float) -> Kernel:
         return -jnp.dot(r, r) / (4.0 * step_size)
 
     def step(key: Array, state: MALAState) -> tuple[MALAState, Info]:
-        k_prop, k_acc = jax.random.split(key)
-        x = _langevin_proposal(k_prop, state.position, state.grad, step_size)
+        # One draw of d + 1 normals: d for the proposal, and one whose Φ(z) ~ U(0, 1) decides
+        # acceptance (log U = log Φ(z)): a third of the random bits of a split and two draws.
+        z = jax.random.normal(key, (state.position.shape[0] + 1,), state.position.dtype)
+        x = _langevin_move(state.position, state.grad, step_size, z[:-1])
         proposal = MALAState(x, *value_and_grad(x))
         log_ratio = proposal.log_prob - state.log_prob + log_q(state.position, proposal) - log_q(x, state)
         finite = _finite(x) & jnp.isfinite(proposal.log_prob) & _finite(proposal.grad)
         log_ratio = jnp.where(finite & ~jnp.isnan(log_ratio), log_ratio, -jnp.inf)
         accept_prob = jnp.minimum(1.0, jnp.exp(log_ratio))
-        accepted = jnp.log(jax.random.uniform(k_acc, (), x.dtype)) < log_ratio
+        accepted = log_ndtr(z[-1]) < log_ratio
         new = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), proposal, state)
         return new, Info(accept_prob, accepted, finite)
 
