@@ -48,7 +48,9 @@ class Jet(NamedTuple):
     """A value with its Jacobian (leading axis d: ∂value/∂x_k) and its Laplacian Σ_k ∂²value/∂x_k²."""
 
     value: Array
-    jacobian: Array
+    # Inside the interpreter, None marks a value that depends on x but carries no derivative
+    # (an index, a mask, a stop_gradient), and "identity" the seed's ∂x/∂x = I, kept symbolic.
+    jacobian: Array | str | None
     laplacian: Array | None  # None when only first order is propagated
 
 
