@@ -175,15 +175,17 @@ def _push_batch(eqn, inputs: list, second_order: bool) -> list:
     per_example = [
         (Jet(a.value, _materialize(a, n, d), a.laplacian) if a.jacobian is not None else a.value)
         if isinstance(a, Jet) else a for a in inputs]
-    mapped = [per_example[i] for i in batched]
+    one = lambda *ms: _push(eqn, _substitute(per_example, batched, ms), second_order)
+    outs = jax.vmap(one)(*(per_example[i] for i in batched))
+    return [o if isinstance(o, Jet) else Jet(o, None, None) for o in outs]
 
-    def one(*ms):
-        full = list(per_example)
-        for i, m in zip(batched, ms):
-            full[i] = m
-        return _push(eqn, full, second_order)
 
-    return [o if isinstance(o, Jet) else Jet(o, None, None) for o in jax.vmap(one)(*mapped)]
+def _substitute(values: list, positions: list[int], new) -> list:
+    """`values` with the entries at `positions` replaced by `new`, in order."""
+    full = list(values)
+    for i, v in zip(positions, new):
+        full[i] = v
+    return full
 
 
 def _width(jet: Jet) -> int:
@@ -204,14 +206,7 @@ def _affine_folded(eqn, inputs, varying, n, second_order) -> list[Jet]:
     """An op affine in its x-dependent operands, all others constant: its linear part is the same
     for every example, so the batch and the d Jacobian columns fold into one leading axis."""
     jets = [inputs[i] for i in varying]
-    constants = list(inputs)
-
-    def op(*vs):
-        full = list(constants)
-        for i, v in zip(varying, vs):
-            full[i] = v
-        return _bind(eqn, full)
-
+    op = lambda *vs: _bind(eqn, _substitute(inputs, varying, vs))  # the others are constants
     zeros = tuple(jnp.zeros(j.value.shape[1:], j.value.dtype) for j in jets)
     linear = lambda *ts: jax.jvp(op, zeros, ts)[1]
     values = jax.vmap(op)(*(j.value for j in jets))
@@ -244,16 +239,9 @@ def _push(eqn, inputs: list, second_order: bool) -> list:
     name = eqn.primitive.name
     varying = [i for i, a in enumerate(inputs) if isinstance(a, Jet)]
     values = [a.value if isinstance(a, Jet) else a for a in inputs]
-    float_out = any(jnp.issubdtype(o.aval.dtype, jnp.inexact) for o in eqn.outvars)
-    if not varying or name in _CONSTANT or not float_out:  # comparisons, indices: no derivative
+    if not varying or not _differentiable(eqn):  # comparisons, indices, stop_gradient: no derivative
         return list(_bind(eqn, values))
-
-    def op(*vs):  # the equation as a function of its x-dependent operands
-        full = list(values)
-        for i, v in zip(varying, vs):
-            full[i] = v
-        return _bind(eqn, full)
-
+    op = lambda *vs: _bind(eqn, _substitute(values, varying, vs))  # of its x-dependent operands
     jets = [inputs[i] for i in varying]
     primals = tuple(j.value for j in jets)
     if _affine_in(eqn, varying):
