@@ -166,8 +166,9 @@ def test_benchmarks_run_at_a_tiny_size(tmp_path):
     import chain_throughput
     import trace_cost
 
-    rows = trace_cost.main(["--dims", "2", "--reps", "1", "--out", str(tmp_path / "t.json")])
-    assert {r["method"] for r in rows} >= {"jacfwd", "jacrev", "hutchinson", "ssm", "dsm"}
+    rows = trace_cost.main(["--dims", "2", "--score-net-dims", "2", "--reps", "1", "--out", str(tmp_path / "t.json")])
+    assert {r["method"] for r in rows} >= {"forward", "jacfwd", "jacrev", "hutchinson", "ssm", "dsm"}
+    assert {r["net"] for r in rows} == {"energy", "score"}
     assert all(r["ms"] > 0 for r in rows) and (tmp_path / "t.json").exists()
     rows = chain_throughput.main(["--chains", "16", "--steps", "5", "--reps", "1", "--out", str(tmp_path / "c.json")])
     assert len([r for r in rows if r["sampler"].startswith("jsm")]) == 4

@@ -112,7 +112,7 @@ def test_every_target_keeps_shapes_and_the_default_float(name, n, seed):
     assert jet.value.shape == (n,) and jet.jacobian.shape == (n, d) and jet.laplacian.shape == (n,)
 
 
-@settings(max_examples=3)
+@settings(max_examples=2)
 @given(n=st.integers(2, 6), d=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_every_objective_metric_and_sampler_returns_the_documented_shapes(n, d, seed):
     key = jax.random.key(seed)
