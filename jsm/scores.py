@@ -113,8 +113,7 @@ def divergence(vector_fn: VectorFn, method: str = "jacfwd") -> Callable[[Array],
     Returns:
       A function of x with shape (d,) returning a scalar.
     """
-    _validate.choice("method", method, METHODS)
-    both = batch_value_and_divergence(vector_fn, method)
+    both = batch_value_and_divergence(vector_fn, method)  # validates `method`
     reference = _jacobian_trace(vector_fn, method) if method in ("jacfwd", "jacrev") else None
 
     def div(x: Array) -> Array:
