@@ -116,8 +116,10 @@ def forward_jet_batch(fn: Callable[[Array], Array], second_order: bool = True) -
         (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order)
         if isinstance(out, Jet) and out.jacobian is not None:
             return Jet(out.value, _materialize(out, n, d), out.laplacian)
-        value = jnp.broadcast_to(out.value if isinstance(out, Jet) else out, (n,) + jnp.shape(out))
-        zeros = jnp.zeros_like(value)  # fn does not depend on x (or only through stop_gradient)
+        # No derivative: fn depends on x only through stop_gradient or integers (a batched value),
+        # or not at all (a constant, broadcast over the batch).
+        value = out.value if isinstance(out, Jet) else jnp.broadcast_to(out, (n,) + jnp.shape(out))
+        zeros = jnp.zeros_like(value)
         return Jet(value, jnp.zeros((n, d) + value.shape[1:], value.dtype), zeros if second_order else None)
 
     return jets

@@ -120,6 +120,19 @@ def test_ism_is_the_same_loss_and_gradient_for_every_method(key):
                 np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
 
 
+@pytest.mark.numerics
+def test_functions_without_a_derivative_in_x_get_zero_jets():
+    """Through stop_gradient, through integers (argmax), or not depending on x at all."""
+    xs = jnp.array([[0.5, -1.0, 2.0], [3.0, 0.0, 1.0]])
+    for fn, value in [(lambda x: jnp.sum(jax.lax.stop_gradient(x)), xs.sum(1)),
+                      (lambda x: jnp.argmax(x).astype(xs.dtype), jnp.array([2.0, 0.0])),
+                      (lambda x: jnp.asarray(2.0, xs.dtype), jnp.array([2.0, 2.0]))]:
+        jet = forward.forward_jet_batch(fn)(xs)
+        np.testing.assert_array_equal(jet.value, value)
+        np.testing.assert_array_equal(jet.jacobian, jnp.zeros((2, 3)))
+        np.testing.assert_array_equal(jet.laplacian, jnp.zeros(2))
+
+
 def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"x must be ONE example of shape \(d,\), got shape \(2, 3\)"):
         forward.forward_jet(jnp.sum)(jnp.zeros((2, 3)))
