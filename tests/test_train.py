@@ -35,7 +35,7 @@ def problem():
 def run(problem, workdir, steps, **kw):
     loss, params, data = problem
     kw = dict(optimizer=optax.adam(1e-2), key=jax.random.key(0), steps=steps, batch_size=32,
-              workdir=workdir, checkpoint_every=20, log_every=10, progress=False) | kw
+              workdir=workdir, checkpoint_every=20, log_every=10, progress=False, has_aux=True) | kw
     return jsm.fit(loss, params, data, **kw)
 
 
@@ -121,7 +121,8 @@ def test_non_finite_data_is_refused(problem):
     loss, params, data = problem
     bad = data.at[3, 1].set(jnp.inf)
     with pytest.raises(ValueError, match="data must be finite, got 1 non-finite"):
-        jsm.fit(loss, params, bad, optimizer=optax.adam(1e-3), key=jax.random.key(0), steps=5, batch_size=8)
+        jsm.fit(loss, params, bad, optimizer=optax.adam(1e-3), key=jax.random.key(0), steps=5, batch_size=8,
+                has_aux=True)
 
 
 # --- the whole experiment, killed with SIGKILL at random moments ------------------
@@ -142,17 +143,22 @@ def _finalised_steps(checkpoints: Path):
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
 
 
-def _kill_and_resume(tmp_path, script, args, run_dir=""):
-    """Run once whole; run again killed 3 times at random moments (some in a save) and restarted with
-    the same command each time; return the two workdirs. `run_dir` is where the checkpoints live."""
+def _kill_and_resume(tmp_path, script, args, run_dir="", kill_at=()):
+    """Run once whole; run again killed 3 times and restarted with the same command each time; return
+    the two workdirs. `run_dir` is where the checkpoints live. Without `kill_at` the kills come at random
+    moments (some in a save); with it, at the chosen steps and moments of the JSM_TEST_KILL_AT hook."""
     # A persistent compilation cache shared by the runs: each restart skips the compiles.
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_command(script, whole, args), check=True, env=env, capture_output=True)
+    for spec in kill_at:
+        proc = subprocess.run(_command(script, killed, args), env=env | {"JSM_TEST_KILL_AT": spec},
+                              capture_output=True)
+        assert proc.returncode == -signal.SIGKILL, f"not killed at {spec}: {proc.stderr.decode()[-2000:]}"
     checkpoints = killed / run_dir / "checkpoints"
     rng, kills = random.Random(0), 0
-    while kills < 3:
+    while not kill_at and kills < 3:
         proc = subprocess.Popen(_command(script, killed, args), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         before = len(_finalised_steps(checkpoints))
@@ -165,7 +171,7 @@ def _kill_and_resume(tmp_path, script, args, run_dir=""):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-    assert kills >= 2
+    assert kill_at or kills >= 2
     subprocess.run(_command(script, killed, args), check=True, env=env, capture_output=True)
     return whole / run_dir, killed / run_dir
 
@@ -188,9 +194,22 @@ def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_dsm_variance_reports_the_evaluations_of_an_uninterrupted_run(tmp_path):
+    """Its Fisher divergences are taken inside the run (a callback), never at a resumed checkpoint."""
+    args = ["--steps", "40", "--evaluations", "4", "--sigmas", "1.0,0.01", "--n-draws", "8", "--hidden", "8",
+            "--n-train", "512", "--n-test", "128", "--checkpoint-every", "10", "--log-every", "10", "--no-progress"]
+    whole, killed = _kill_and_resume(tmp_path, "dsm_variance.py", args, kill_at=["30", "20:during_save"])
+    assert json.loads((whole / "results.json").read_text()) == json.loads((killed / "results.json").read_text())
+    saved = json.loads((killed / "plain" / "callbacks" / "fisher.json").read_text())
+    assert [r["step"] for r in saved] == [10, 20, 30, 40]
+
+
+@pytest.mark.slow
 def test_killed_pcd_run_resumes_to_identical_parameters_and_chains(tmp_path):
-    """ebm_mle.py --method pcd: the replay buffer of persistent chains is part of what must come back."""
-    whole, killed = _kill_and_resume(tmp_path, "ebm_mle.py", SMALL_PCD, run_dir="pcd")
+    """ebm_mle.py --method pcd, killed at chosen steps: before a save (evaluation due, metrics logged past the
+    checkpoint), in the middle of one, and right after one. The replay buffer must come back too."""
+    whole, killed = _kill_and_resume(tmp_path, "ebm_mle.py", SMALL_PCD, run_dir="pcd",
+                                     kill_at=["60", "90:during_save", "100:after_save"])
     assert json.loads((whole.parent / "results.json").read_text()) == json.loads((killed.parent / "results.json").read_text())
     assert _logged(whole, "step", "loss", "energy_gap") == _logged(killed, "step", "loss", "energy_gap")
     apply, params = nets.pure(nets.MLPEnergy(2, (16, 16), rngs=nnx.Rngs(0)))
@@ -211,9 +230,9 @@ def test_nothing_recompiles_on_a_second_call(problem, tmp_path):
     loss, params, data = problem
     optimizer = optax.adam(1e-2)
     kw = dict(optimizer=optimizer, key=jax.random.key(0), batch_size=32, workdir=tmp_path, checkpoint_every=20,
-              log_every=10, progress=False)
+              log_every=10, progress=False, has_aux=True)
     jsm.fit(loss, params, data, steps=20, **kw)
-    chunk = train._make_chunk(loss, optimizer, 32, 10, False)
+    chunk = train._make_chunk(loss, optimizer, 32, 10, False, True, None)
     assert chunk._cache_size() == 1
     jsm.fit(loss, params, data, steps=40, **kw)  # resumes in the same process
     assert chunk._cache_size() == 1
@@ -244,3 +263,140 @@ def test_rollback_goes_back_to_the_checkpoint_with_a_new_key(tmp_path):
     assert_same_params(a.params, b.params)
     with pytest.raises(ValueError, match="rollbacks must be an int >= 0"):
         jsm.fit(loss, {"m": jnp.float32(0.0)}, data, rollbacks=-1, **kw)
+
+
+# --- the pure step -----------------------------------------------------------------
+
+
+def test_a_hand_written_loop_of_the_pure_step_is_fit(problem):
+    loss, params, data = problem
+    optimizer = optax.adam(1e-2)
+    state = train.init_state(params, optimizer, jax.random.key(0))
+    step = jax.jit(train.make_step(train.stateless(loss, has_aux=True), optimizer))
+    data_key = jax.random.split(state.key)[0]
+    for _ in range(30):
+        state, metrics = step(state, train._batch_at(data, data_key, state.step, 32))
+    assert int(state.step) == 30 and bool(metrics["finite"]) and set(metrics) == {"loss", "l2", "finite"}
+    fitted = run(problem, None, 30)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(fitted.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_step_is_not_applied():
+    # SGD on log(p) from p = 0.1 with rate 1: p - 1/p = -9.9, where log is NaN.
+    loss = train.stateless(lambda p, k, xs: jnp.log(p["p"]))
+    optimizer = optax.sgd(1.0)
+    step = train.make_step(loss, optimizer)
+    state = train.init_state({"p": jnp.float32(0.1)}, optimizer, jax.random.key(0))
+    state, metrics = step(state, jnp.zeros((1, 1)))
+    np.testing.assert_allclose(state.params["p"], 0.1 - 1 / 0.1, rtol=1e-6)
+    assert bool(metrics["finite"]) and int(state.step) == 1
+    after, metrics = step(state, jnp.zeros((1, 1)))
+    assert not bool(metrics["finite"]) and int(after.step) == 1
+    assert_same_params((after.params, after.opt_state), (state.params, state.opt_state))
+
+
+def test_ema_follows_the_updates_and_resumes_bitwise(problem, tmp_path):
+    loss, params, data = problem
+    optimizer, decay = optax.adam(1e-2), 0.9
+    state = train.init_state(params, optimizer, jax.random.key(0), ema_decay=decay)
+    step = jax.jit(train.make_step(train.stateless(loss, has_aux=True), optimizer, ema_decay=decay))
+    data_key, ema = jax.random.split(state.key)[0], params
+    for _ in range(20):
+        state, _ = step(state, train._batch_at(data, data_key, state.step, 32))
+        ema = jax.tree.map(lambda m, p: decay * m + (1 - decay) * p, ema, state.params)  # the slow, obvious way
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    whole = run(problem, tmp_path / "whole", 40, ema_decay=decay)
+    run(problem, tmp_path / "parts", 20, ema_decay=decay)
+    resumed = run(problem, tmp_path / "parts", 40, ema_decay=decay)
+    assert_same_params(whole.ema_params, resumed.ema_params)
+    assert run(problem, None, 10).ema_params is None
+    for bad in (1.0, -0.1, "0.9"):
+        with pytest.raises(ValueError, match=rf"ema_decay must be None or a float in \[0, 1\), got {bad!r}"):
+            run(problem, None, 10, ema_decay=bad)
+
+
+def test_the_objective_state_comes_back_on_resume(tmp_path):
+    """A stateful objective (a running mean carried between steps, like PCD's replay buffer)."""
+    def loss(p, k, xs, state):
+        state = 0.9 * state + 0.1 * jnp.mean(xs, axis=0)
+        return jnp.mean((xs - p["m"] - state) ** 2), {}, state
+
+    data = jax.random.normal(jax.random.key(0), (64, 2)) + 3.0
+    kw = dict(optimizer=optax.sgd(0.05), key=jax.random.key(0), batch_size=16, checkpoint_every=10, log_every=10,
+              progress=False, objective_state=jnp.zeros(2))
+    params = {"m": jnp.zeros(2)}
+    whole = jsm.fit(loss, params, data, steps=40, workdir=tmp_path / "whole", **kw)
+    jsm.fit(loss, params, data, steps=20, workdir=tmp_path / "parts", **kw)
+    resumed = jsm.fit(loss, params, data, steps=40, workdir=tmp_path / "parts", **kw)
+    assert_same_params(whole.objective_state, resumed.objective_state)
+    assert_same_params(whole.params, resumed.params)
+    with pytest.raises(ValueError, match="has_aux is for a plain loss"):
+        jsm.fit(loss, params, data, steps=40, has_aux=True, **kw)
+
+
+# --- callbacks ---------------------------------------------------------------------
+
+
+def test_callbacks_run_every_k_steps_and_are_reused_after_a_restart(problem, tmp_path):
+    calls = []
+
+    def norm(state):
+        calls.append(int(state.step))
+        return {"norm": sum(jnp.sum(w**2) for w in jax.tree.leaves(state.params)), "vec": jnp.arange(2)}
+
+    cb = train.Callback("norm", 25, norm)
+    first = run(problem, tmp_path, 60, callbacks=[cb])
+    assert calls == [25, 50, 60]
+    assert [r["step"] for r in first.callbacks["norm"]] == [25, 50, 60] and first.callbacks["norm"][0]["vec"] == [0, 1]
+    saved = json.loads((tmp_path / "callbacks" / "norm.json").read_text())
+    assert saved == first.callbacks["norm"]
+    # The final value is the norm of the final parameters.
+    np.testing.assert_allclose(saved[-1]["norm"], sum(float(jnp.sum(w**2)) for w in jax.tree.leaves(first.params)),
+                               rtol=1e-6)
+    again = run(problem, tmp_path, 60, callbacks=[cb])  # resumes at step 60: nothing to recompute
+    assert calls == [25, 50, 60] and again.callbacks == first.callbacks
+    # A run resumed from step 40 (its checkpoint) keeps the result at 25 and recomputes the later ones.
+    shutil.rmtree(tmp_path / "checkpoints" / "60")
+    calls.clear()
+    resumed = run(problem, tmp_path, 60, callbacks=[cb])
+    assert calls == [50, 60] and resumed.callbacks == first.callbacks
+    for bad, error, match in [(train.Callback("a b", 5, norm), ValueError, "callback names must be non-empty words"),
+                              (train.Callback("n", 0, norm), ValueError, "callback 'n' every must be an int >= 1"),
+                              (norm, TypeError, "callbacks must hold jsm.train.Callback")]:
+        with pytest.raises(error, match=match):
+            run(problem, None, 10, callbacks=[bad])
+
+
+# --- damaged and foreign checkpoints -----------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_newest_checkpoint_is_skipped_never_deleted(problem, tmp_path, damage):
+    run(problem, tmp_path, 60)  # checkpoints 20, 40, 60
+    newest = tmp_path / "checkpoints" / "60"
+    files = sorted(p for p in newest.rglob("*") if p.is_file())
+    for path in files:  # a copy cut short, or files lost to a disk error
+        if damage == "truncate":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        elif "ocdbt" in path.parts[-3:-1] or path.name == "_METADATA":
+            path.unlink()
+    with pytest.warns(RuntimeWarning, match=r"checkpoints/60 could not be restored .*moved to .*checkpoints\.damaged/60 "
+                                            r"and resuming from step 40"):
+        resumed = run(problem, tmp_path, 80)
+    assert (tmp_path / "checkpoints.damaged" / "60").is_dir()  # kept for the user to inspect
+    assert_same_params(resumed.params, run(problem, tmp_path / "fresh", 80).params)
+    assert [r["step"] for r in resumed.history] == list(range(10, 81, 10))
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_nothing_is_overwritten(problem, tmp_path):
+    run(problem, tmp_path, 40)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    apply, params = nets.pure(nets.MLPScore(2, (8, 16), rngs=nnx.Rngs(0)))
+    loss = lambda p, k, xs: objectives.dsm(lambda x: apply(p, x), k, xs, 0.5)
+    with pytest.raises(train.CheckpointMismatchError,
+                       match=r"checkpoints/40 holds arrays of other shapes .*layers/0/kernel/value: saved \(2, 16\), "
+                             r"this run \(2, 8\).*Nothing in the workdir was changed"):
+        run((loss, params, problem[2]), tmp_path, 60, has_aux=False)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
