@@ -1,4 +1,4 @@
-"""Langevin samplers as (init, step) kernels, one chain loop, and diagnostics.
+"""Langevin samplers as (init, step) kernels, one chain loop, and step-size tuning.
 
 The step-size convention, everywhere in jsm:
 
@@ -9,13 +9,31 @@ stationary law tends to p as a -> 0 (ULA's bias is O(a)); MALA removes the bias
 with a Metropolis-Hastings correction. Papers that write x + (ε/2) s + sqrt(ε) u
 use ε = 2a; "tempered" variants with a different noise scale do not target p.
 
-A kernel is a pair `init(position) -> State` and `step(key, state) -> (State, Info)`
-acting on ONE chain, position of shape (d,). `run_chains` is the only loop: it
-vmaps the kernel over chains and scans over steps, jitted.
+A kernel is a pair `init(position, *args) -> State` and `step(key, state, *args) -> (State, Info)`
+acting on ONE chain, position of shape (d,); `args` (network parameters, a temperature, a
+σ: any pytrees) are passed on to the user's function, `log_prob_fn(x, *args)` or
+`score_fn(x, *args)`. `run_chains` is the only loop: it vmaps the kernel over chains and
+scans over steps, jitted.
+
+Kernels are data. A `Kernel` is a pytree whose leaves are its numbers (the step size,
+a σ schedule) and whose static part is the user's function, compared as Python compares
+functions (by identity; bound methods by their object). So calling `run_chains` again
+with a new step size, new `args` of the same shapes, or a kernel rebuilt from the SAME
+function compiles nothing:
+
+    kernel = mala(log_prob_fn, 0.1)                      # log_prob_fn(x, params)
+    run_chains(kernel, key, x0, 1000, args=(params,))
+    run_chains(mala(log_prob_fn, 0.05), key, x0, 1000, args=(new_params,))   # no compilation
+
+A lambda written in a loop or a training step is a NEW function each time it is built,
+and compiles anew: `mala(lambda x: log_prob(params, x), a)` recompiles for every params;
+pass them through `args` instead. `from_blackjax` runs blackjax's kernels (NUTS, HMC,
+...) under the same loop. ESS and R-hat live in `jsm.diagnostics` (re-exported here for now).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -26,13 +44,9 @@ from jax.scipy.special import log_ndtr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jsm import _validate
+from jsm.diagnostics import effective_sample_size, split_rhat  # noqa: F401  (re-exported; use jsm.diagnostics)
 
 Array = jax.Array
-
-
-class Kernel(NamedTuple):
-    init: Callable[[Array], Any]
-    step: Callable[[Array, Any], tuple[Any, "Info"]]
 
 
 class Info(NamedTuple):
@@ -56,8 +70,81 @@ class AnnealedState(NamedTuple):
     t: Array  # () int32, steps taken; the level is t // n_steps_each
 
 
-def _step_size(step_size) -> None:
+class _ByIdentity:
+    """An unhashable static object (a dataclass, a callable module) compared by identity."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __call__(self, *args, **kwargs):
+        return self.obj(*args, **kwargs)
+
+
+def _static(obj):
+    """`obj` as a jit cache key: itself when hashable (functions, bound methods), else by identity."""
+    try:
+        hash(obj)
+    except TypeError:
+        return _ByIdentity(obj)
+    return obj
+
+
+def _unwrap(obj):
+    return obj.obj if isinstance(obj, _ByIdentity) else obj
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
+                   meta_fields=["init_fn", "step_fn", "fn", "options"])
+@dataclasses.dataclass(frozen=True, eq=False)
+class Kernel:
+    """A Markov kernel on one chain: `init(position, *args)` and `step(key, state, *args)`.
+
+    A pytree: `params` (a dict of arrays: step_size, sigmas, ...) are its leaves, traced
+    by `jit`; `fn` (the user's log-density or score), `options` and the implementation
+    `init_fn` / `step_fn` are static, so two kernels built from the same function share
+    one compiled loop. Build kernels with `ula`, `mala`, `annealed_langevin` or
+    `from_blackjax`; change a number with `kernel.replace(step_size=...)`.
+    """
+
+    init_fn: Callable  # (kernel, position, *args) -> State
+    step_fn: Callable  # (kernel, key, state, *args) -> (State, Info)
+    fn: Any  # the user's function (static; see `_static`)
+    params: dict  # str -> Array: the kernel's numbers
+    options: tuple = ()  # static, hashable settings
+
+    def init(self, position: Array, *args) -> Any:
+        return self.init_fn(self, position, *args)
+
+    def step(self, key: Array, state: Any, *args) -> tuple[Any, Info]:
+        return self.step_fn(self, key, state, *args)
+
+    def replace(self, **params) -> "Kernel":
+        """The same kernel with some numbers changed, e.g. `kernel.replace(step_size=0.05)`."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise ValueError(f"replace got unknown parameter(s) {unknown}; this kernel has {sorted(self.params)}")
+        new = {k: jnp.asarray(v, jnp.result_type(self.params[k])) for k, v in params.items()}
+        return dataclasses.replace(self, params={**self.params, **new})
+
+
+def _float(x) -> Array:
+    """A kernel number as an array of the default float dtype (one cache key for 0.1 and jnp.float32(0.1))."""
+    return jnp.asarray(x, jnp.result_type(float))
+
+
+def _step_size(step_size) -> Array:
     _validate.positive("step_size", step_size)
+    if jnp.ndim(step_size) != 0:
+        raise ValueError(f"step_size must be a scalar, got shape {jnp.shape(step_size)}")
+    return _float(step_size)
 
 
 def _langevin_move(x: Array, s: Array, a, u: Array) -> Array:
@@ -73,58 +160,102 @@ def _finite(x: Array) -> Array:
     return jnp.all(jnp.isfinite(x))
 
 
-def ula(score_fn: Callable[[Array], Array], step_size: float) -> Kernel:
-    """Unadjusted Langevin: x' = x + a s(x) + sqrt(2a) u. Biased by O(a); no rejection."""
-    _step_size(step_size)
-
-    def init(position: Array) -> LangevinState:
-        return LangevinState(position)
-
-    def step(key: Array, state: LangevinState) -> tuple[LangevinState, Info]:
-        x = _langevin_proposal(key, state.position, score_fn(state.position), step_size)
-        one = jnp.ones((), x.dtype)
-        return LangevinState(x), Info(one, jnp.bool_(True), _finite(x))
-
-    return Kernel(init, step)
+# --- ULA ---------------------------------------------------------------------------
 
 
-def mala(log_prob_fn: Callable[[Array], Array], step_size: float) -> Kernel:
+def _ula_init(kernel: Kernel, position: Array, *args) -> LangevinState:
+    return LangevinState(position)
+
+
+def _ula_step(kernel: Kernel, key: Array, state: LangevinState, *args) -> tuple[LangevinState, Info]:
+    x = state.position
+    a = kernel.params["step_size"].astype(x.dtype)
+    x = _langevin_proposal(key, x, kernel.fn(x, *args), a)
+    one = jnp.ones((), x.dtype)
+    return LangevinState(x), Info(one, jnp.bool_(True), _finite(x))
+
+
+def ula(score_fn: Callable[..., Array], step_size: float) -> Kernel:
+    """Unadjusted Langevin: x' = x + a s(x) + sqrt(2a) u. Biased by O(a); no rejection.
+
+    Args:
+      score_fn: s(x, *args) -> (d,), the score ∇log p; `args` come from `run_chains(..., args=)`.
+      step_size: a > 0, a scalar (data: a new value does not recompile).
+    """
+    return Kernel(_ula_init, _ula_step, _static(score_fn), {"step_size": _step_size(step_size)})
+
+
+# --- MALA --------------------------------------------------------------------------
+
+
+def _mala_init(kernel: Kernel, position: Array, *args) -> MALAState:
+    return MALAState(position, *jax.value_and_grad(kernel.fn)(position, *args))
+
+
+def _mala_log_q(to: Array, frm: MALAState, a) -> Array:
+    """log q(to | frm) + const, q(y | x) = N(y; x + a ∇log p(x), 2a I)."""
+    r = to - frm.position - a * frm.grad
+    return -jnp.dot(r, r) / (4.0 * a)
+
+
+def _mala_step(kernel: Kernel, key: Array, state: MALAState, *args) -> tuple[MALAState, Info]:
+    a = kernel.params["step_size"].astype(state.position.dtype)
+    # One draw of d + 1 normals: d for the proposal, and one whose Φ(z) ~ U(0, 1) decides
+    # acceptance (log U = log Φ(z)): a third of the random bits of a split and two draws.
+    z = jax.random.normal(key, (state.position.shape[0] + 1,), state.position.dtype)
+    x = _langevin_move(state.position, state.grad, a, z[:-1])
+    proposal = _mala_init(kernel, x, *args)
+    log_ratio = (proposal.log_prob - state.log_prob
+                 + _mala_log_q(state.position, proposal, a) - _mala_log_q(x, state, a))
+    finite = _finite(x) & jnp.isfinite(proposal.log_prob) & _finite(proposal.grad)
+    log_ratio = jnp.where(finite & ~jnp.isnan(log_ratio), log_ratio, -jnp.inf)
+    accept_prob = jnp.minimum(1.0, jnp.exp(log_ratio))
+    accepted = log_ndtr(z[-1]) < log_ratio
+    new = jax.tree.map(lambda p, s: jnp.where(accepted, p, s), proposal, state)
+    return new, Info(accept_prob, accepted, finite)
+
+
+def mala(log_prob_fn: Callable[..., Array], step_size: float) -> Kernel:
     """Metropolis-adjusted Langevin: propose x' = x + a ∇log p(x) + sqrt(2a) u, then accept with
 
         α = min(1, p(x') q(x | x') / (p(x) q(x' | x))),  q(y | x) ∝ exp(-|y - x - a ∇log p(x)|² / (4a)).
 
     `log_prob_fn` may be unnormalised. A proposal whose log-density or gradient is
     not finite is rejected (its ratio counts as -inf), never accepted.
+
+    Args:
+      log_prob_fn: log p(x, *args) -> (); `args` come from `run_chains(..., args=)`; the
+        gradient is taken in x only.
+      step_size: a > 0, a scalar (data: a new value does not recompile).
     """
-    _step_size(step_size)
-    value_and_grad = jax.value_and_grad(log_prob_fn)
+    return Kernel(_mala_init, _mala_step, _static(log_prob_fn), {"step_size": _step_size(step_size)})
 
-    def init(position: Array) -> MALAState:
-        return MALAState(position, *value_and_grad(position))
 
-    def log_q(to: Array, frm: MALAState) -> Array:
-        r = to - frm.position - step_size * frm.grad
-        return -jnp.dot(r, r) / (4.0 * step_size)
+# --- annealed Langevin ------------------------------------------------------------
 
-    def step(key: Array, state: MALAState) -> tuple[MALAState, Info]:
-        # One draw of d + 1 normals: d for the proposal, and one whose Φ(z) ~ U(0, 1) decides
-        # acceptance (log U = log Φ(z)): a third of the random bits of a split and two draws.
-        z = jax.random.normal(key, (state.position.shape[0] + 1,), state.position.dtype)
-        x = _langevin_move(state.position, state.grad, step_size, z[:-1])
-        proposal = MALAState(x, *value_and_grad(x))
-        log_ratio = proposal.log_prob - state.log_prob + log_q(state.position, proposal) - log_q(x, state)
-        finite = _finite(x) & jnp.isfinite(proposal.log_prob) & _finite(proposal.grad)
-        log_ratio = jnp.where(finite & ~jnp.isnan(log_ratio), log_ratio, -jnp.inf)
-        accept_prob = jnp.minimum(1.0, jnp.exp(log_ratio))
-        accepted = log_ndtr(z[-1]) < log_ratio
-        new = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), proposal, state)
-        return new, Info(accept_prob, accepted, finite)
 
-    return Kernel(init, step)
+def _annealed_init(kernel: Kernel, position: Array, *args) -> AnnealedState:
+    return AnnealedState(position, jnp.zeros((), jnp.int32))
+
+
+def _annealed_step(kernel: Kernel, key: Array, state: AnnealedState, *args) -> tuple[AnnealedState, Info]:
+    sigmas, p = kernel.params["sigmas"], kernel.params
+    level = jnp.minimum(state.t // p["n_steps_each"], sigmas.shape[0] - 1)
+    x = state.position
+    sigma = sigmas[level].astype(x.dtype)
+    s = kernel.fn(x, sigma, *args)
+    u = jax.random.normal(key, x.shape, x.dtype)
+    if "snr" in p:
+        a = 2.0 * (p["snr"].astype(x.dtype) * jnp.linalg.norm(u) / jnp.linalg.norm(s)) ** 2
+    else:
+        a = (p["step_size"] * (sigma / sigmas[-1]) ** 2).astype(x.dtype)
+    x = _langevin_move(x, s, a, u)
+    one = jnp.ones((), x.dtype)
+    return AnnealedState(x, state.t + 1), Info(one, jnp.bool_(True), _finite(x))
 
 
 def annealed_langevin(
-    score_fn: Callable[[Array, Array], Array], sigmas, n_steps_each: int, step_size: float | None = None,
+    score_fn: Callable[..., Array], sigmas, n_steps_each: int, step_size: float | None = None,
     *, snr: float | None = None,
 ) -> Kernel:
     """Annealed Langevin dynamics (Song & Ermon 2019).
@@ -141,35 +272,111 @@ def annealed_langevin(
           a_i = 2 (snr · |u| / |s(x, σ_i)|)², per chain and step, which makes the drift
           exactly `snr` times the noise: |a s| = snr · sqrt(2a) |u|. Their step
           x + ε s + sqrt(2ε) z is this library's with a = ε. Typical snr: 0.05-0.2.
+
+    Args:
+      score_fn: s(x, σ, *args) -> (d,); `args` come from `run_chains(..., args=)`.
+      sigmas: (L,) strictly decreasing noise levels (data: new values of the same L do not recompile).
+      n_steps_each: Langevin steps per level, >= 1.
+      step_size, snr: the rule, as above (data).
     """
     sigmas = _validate.decreasing("sigmas", sigmas)
     n_steps_each = _validate.positive_int("n_steps_each", n_steps_each)
     if (step_size is None) == (snr is None):
         raise ValueError(f"give exactly one of step_size and snr, got step_size={step_size!r} and snr={snr!r}")
+    params = {"sigmas": _float(sigmas), "n_steps_each": jnp.asarray(n_steps_each, jnp.int32)}
     if snr is not None:
         _validate.positive("snr", snr)
+        params["snr"] = _float(snr)
     else:
-        _step_size(step_size)
-    steps = None if step_size is None else step_size * sigmas**2 / sigmas[-1] ** 2
+        params["step_size"] = _step_size(step_size)
+    return Kernel(_annealed_init, _annealed_step, _static(score_fn), params)
 
-    def init(position: Array) -> AnnealedState:
-        return AnnealedState(position, jnp.zeros((), jnp.int32))
 
-    def step(key: Array, state: AnnealedState) -> tuple[AnnealedState, Info]:
-        level = jnp.minimum(state.t // n_steps_each, sigmas.shape[0] - 1)
-        x = state.position
-        sigma = sigmas[level].astype(x.dtype)
-        s = score_fn(x, sigma)
-        u = jax.random.normal(key, x.shape, x.dtype)
-        if snr is None:
-            a = steps[level].astype(x.dtype)
+# --- blackjax ----------------------------------------------------------------------
+
+
+def _blackjax_algorithm(kernel: Kernel, args: tuple):
+    """The blackjax SamplingAlgorithm: given, or built from the factory with the kernel's numbers."""
+    factory, static_kw = kernel.options
+    if factory is None:
+        if args:
+            raise TypeError("a blackjax SamplingAlgorithm closes over its log-density, so it takes no args; "
+                            "to pass args, build the kernel as "
+                            "from_blackjax(blackjax.nuts, log_prob_fn, step_size=..., ...)")
+        return _unwrap(kernel.fn)
+    log_prob_fn = _unwrap(kernel.fn)
+    return _unwrap(factory)(lambda x: log_prob_fn(x, *args), **kernel.params, **dict(static_kw))
+
+
+def _blackjax_init(kernel: Kernel, position: Array, *args):
+    return _blackjax_algorithm(kernel, args).init(position)
+
+
+def _blackjax_step(kernel: Kernel, key: Array, state, *args):
+    new, info = _blackjax_algorithm(kernel, args).step(key, state)
+    x = new.position
+    is_accepted = getattr(info, "is_accepted", None)
+    if is_accepted is None:  # NUTS samples from its trajectory; it "accepted" when it moved
+        is_accepted = jnp.any(x != state.position)
+    finite = _finite(x) & jnp.isfinite(getattr(new, "logdensity", jnp.zeros(())))
+    if hasattr(info, "is_divergent"):
+        finite = finite & ~info.is_divergent
+    return new, Info(jnp.asarray(info.acceptance_rate, x.dtype), jnp.asarray(is_accepted, bool), finite)
+
+
+def from_blackjax(algorithm, log_prob_fn: Callable[..., Array] | None = None, /, **params) -> Kernel:
+    """A blackjax kernel (NUTS, HMC, MALA, ...) as a jsm `Kernel`, for `run_chains`.
+
+    Two forms:
+
+        from_blackjax(blackjax.nuts(logdensity, step_size, inverse_mass_matrix))   # a SamplingAlgorithm
+        from_blackjax(blackjax.nuts, log_prob_fn, step_size=0.1, inverse_mass_matrix=m)
+
+    The first closes over its numbers: a rebuilt algorithm is a new kernel and compiles
+    anew, and `args` cannot be passed. The second builds the algorithm inside the
+    compiled loop: float and array keywords (step_size, inverse_mass_matrix) are data,
+    so new values do not recompile and `tune_step_size` can adapt `step_size`; other
+    keywords (ints such as num_integration_steps, functions) are static; `log_prob_fn(x, *args)`
+    receives `run_chains`' args.
+
+    Info: acceptance_prob is blackjax's acceptance_rate; is_accepted is its is_accepted
+    (NUTS, which has none: the position moved); is_finite is False for a divergent
+    transition or a non-finite position or log-density, so `ChainInfo.n_nonfinite`
+    counts divergences. blackjax is optional (`pip install jsm[samplers]`); this
+    function never imports it.
+
+    Args:
+      algorithm: a blackjax SamplingAlgorithm (with .init and .step), or a factory
+        such as `blackjax.nuts` when `log_prob_fn` is given.
+      log_prob_fn: log p(x, *args) -> (), for the factory form.
+      **params: the factory's other arguments.
+    """
+    if log_prob_fn is None:
+        if params:
+            raise TypeError(f"from_blackjax got keyword arguments {sorted(params)} without a log_prob_fn; "
+                            "give from_blackjax(factory, log_prob_fn, **params) or a built algorithm alone")
+        if not (callable(getattr(algorithm, "init", None)) and callable(getattr(algorithm, "step", None))):
+            raise TypeError("algorithm must be a blackjax SamplingAlgorithm with .init and .step (e.g. blackjax."
+                            f"nuts(logdensity, step_size, inverse_mass_matrix)), got {type(algorithm).__name__}")
+        return Kernel(_blackjax_init, _blackjax_step, _static(algorithm), {}, (None, ()))
+    if not callable(algorithm):
+        raise TypeError(f"algorithm must be a blackjax factory such as blackjax.nuts, got {type(algorithm).__name__}")
+    if not callable(log_prob_fn):
+        raise TypeError(f"log_prob_fn must be a function x, *args -> (), got {type(log_prob_fn).__name__}")
+    data, static = {}, []
+    for name, value in sorted(params.items()):
+        if isinstance(value, (float, np.ndarray, np.floating, jax.Array)) and not isinstance(value, bool):
+            data[name] = value if isinstance(value, jax.Array) else _float(value)
         else:
-            a = 2.0 * (snr * jnp.linalg.norm(u) / jnp.linalg.norm(s)) ** 2
-        x = _langevin_move(x, s, a, u)
-        one = jnp.ones((), x.dtype)
-        return AnnealedState(x, state.t + 1), Info(one, jnp.bool_(True), _finite(x))
-
-    return Kernel(init, step)
+            try:
+                hash(value)
+            except TypeError as e:
+                raise TypeError(f"{name} must be a float, an array or a hashable setting, got "
+                                f"{type(value).__name__}") from e
+            static.append((name, value))
+    if "step_size" in data:
+        _validate.positive("step_size", data["step_size"])
+    return Kernel(_blackjax_init, _blackjax_step, _static(log_prob_fn), data, (_static(algorithm), tuple(static)))
 
 
 # --- the one loop --------------------------------------------------------------
@@ -180,16 +387,18 @@ class ChainInfo(NamedTuple):
     n_nonfinite: Array  # (n_chains,) int32 steps whose proposal was not finite
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "n_steps", "thin"))
-def _run(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | None):
+@functools.partial(jax.jit, static_argnames=("n_steps", "thin"))
+def _run(kernel: Kernel, key: Array, x0: Array, args: tuple, n_steps: int, thin: int | None):
     n_chains = x0.shape[0]
-    state = jax.vmap(kernel.init)(x0)
+    state = jax.vmap(kernel.init, in_axes=(0,) + (None,) * len(args))(x0, *args)
+    step = jax.vmap(kernel.step, in_axes=(0, 0) + (None,) * len(args))
 
     def one_step(carry, t):
         state, acc, bad = carry
         keys = jax.random.split(jax.random.fold_in(key, t), n_chains)
-        state, info = jax.vmap(kernel.step)(keys, state)
-        return (state, acc + info.acceptance_prob, bad + (~info.is_finite).astype(jnp.int32)), None
+        state, info = step(keys, state, *args)
+        acc = acc + info.acceptance_prob.astype(acc.dtype)
+        return (state, acc, bad + (~info.is_finite).astype(jnp.int32)), None
 
     carry = (state, jnp.zeros(n_chains, x0.dtype), jnp.zeros(n_chains, jnp.int32))
     if thin is None:
@@ -223,49 +432,82 @@ def shard_chains(x0: Array) -> Array:
     return jax.device_put(x0, NamedSharding(mesh, PartitionSpec("chains", None)))
 
 
-def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | None = None):
+def _replicate_like(tree, x0: Array):
+    """Every concrete array of `tree` replicated on x0's mesh, when x0 is split over several devices.
+
+    Arrays committed to one device (e.g. parameters placed by the user) would otherwise
+    clash with the chains' devices under jit.
+    """
+    sharding = getattr(x0, "sharding", None)
+    if isinstance(x0, jax.core.Tracer) or not isinstance(sharding, NamedSharding) or len(sharding.device_set) == 1:
+        return tree
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    put = lambda a: a if isinstance(a, jax.core.Tracer) else jax.device_put(a, replicated)
+    return jax.tree.map(put, tree)
+
+
+def _check_args(args) -> tuple:
+    if not isinstance(args, (tuple, list)):
+        raise TypeError("args must be a tuple of pytrees, the extra arguments of log_prob_fn(x, *args) or "
+                        f"score_fn(x, *args) (e.g. args=(params,)), got {type(args).__name__}")
+    return tuple(args)
+
+
+def _check_kernel(kernel) -> Kernel:
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel must be a jsm.samplers.Kernel (e.g. mala(...), or from_blackjax(...) for a blackjax "
+                        f"kernel), got {type(kernel).__name__}")
+    return kernel
+
+
+def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | None = None, *, args: tuple = ()):
     """Run `n_chains` independent chains of `kernel` for `n_steps` steps.
 
     Chain c at step t uses the key split(fold_in(key, t), n_chains)[c]; the same
     key and x0 give the same chains, on one device or many. Without `thin`
-    nothing is stored per step, so memory does not grow with n_steps.
+    nothing is stored per step, so memory does not grow with n_steps. Compiled once
+    per kernel function, shapes and `thin`: new step sizes and new `args` values reuse it.
 
     Several devices: the chains are split across all of them (`shard_chains`),
     with no change to the call; the compiler partitions the vmapped kernel along
-    the chain axis, and chains never communicate. Several hosts: call
-    `jax.distributed.initialize()` on each, build x0 as one global array with
+    the chain axis, `args` are replicated, and chains never communicate. Several hosts:
+    call `jax.distributed.initialize()` on each, build x0 as one global array with
     `jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("chains")), local_x0)`,
     and call `run_chains` on every host with the same key.
 
     Args:
-      kernel: a `Kernel` (e.g. `mala(log_prob_fn, step_size)`).
+      kernel: a `Kernel` (e.g. `mala(log_prob_fn, step_size)`, `from_blackjax(...)`).
       key: PRNG key.
       x0: (n_chains, d) initial positions.
       n_steps: number of steps, >= 1.
       thin: keep the positions every `thin` steps (n_steps must be a multiple).
+      args: a tuple of pytrees shared by all chains, passed on as `log_prob_fn(x, *args)`
+        / `score_fn(x, *args)` (e.g. `(params,)` of a network).
 
     Returns:
       (final_state, trace, info): the kernel's state with position (n_chains, d);
       trace (n_steps // thin, n_chains, d) or None; a `ChainInfo`.
     """
-    if not isinstance(kernel, Kernel):
-        raise TypeError(f"kernel must be a jsm.samplers.Kernel (e.g. mala(...)), got {type(kernel).__name__}")
+    kernel = _check_kernel(kernel)
     _validate.key("key", key)
     x0 = _validate.batch("x0", x0)
     n_steps = _validate.positive_int("n_steps", n_steps)
+    args = _check_args(args)
     if thin is not None:
         thin = _validate.positive_int("thin", thin)
         if n_steps % thin:
             raise ValueError(f"n_steps must be a multiple of thin={thin}, got n_steps={n_steps}")
-    return _run(kernel, key, shard_chains(x0), n_steps, thin)
+    x0 = shard_chains(x0)
+    kernel, args = _replicate_like((kernel, args), x0)
+    return _run(kernel, key, x0, args, n_steps, thin)
 
 
 # --- step-size tuning ------------------------------------------------------------
 
 
 def tune_step_size(
-    make_kernel: Callable[[Array], Kernel], key: Array, x0: Array, n_steps: int,
-    target_acceptance: float = 0.574, initial_step_size: float = 0.1,
+    kernel: Kernel, key: Array, x0: Array, n_steps: int,
+    target_acceptance: float = 0.574, initial_step_size: float | None = None, *, args: tuple = (),
 ) -> tuple[Array, Any]:
     """Tune a Metropolis-adjusted kernel's step size by dual averaging over all chains at once.
 
@@ -276,30 +518,48 @@ def tune_step_size(
         log a_t = μ - sqrt(t) / γ · H_t,   log ā_t = t^{-κ} log a_t + (1 - t^{-κ}) log ā_{t-1},
 
     with μ = log(10 a_0), γ = 0.05, t0 = 10, κ = 0.75, δ = `target_acceptance`
-    (0.574 is optimal for MALA in high dimension, Roberts & Rosenthal 1998). The chains
-    move while tuning, so the returned state is also warmed up. Jitted as one scan.
+    (0.574 is optimal for MALA in high dimension, Roberts & Rosenthal 1998; about 0.8
+    for NUTS). The chains move while tuning, so the returned state is also warmed up.
+    Jitted as one scan; the step size is the kernel's data, so nothing is rebuilt per step
+    and a second tuning of the same kernel function compiles nothing.
 
     Args:
-      make_kernel: step_size -> Kernel, e.g. `lambda a: mala(log_prob_fn, a)`.
+      kernel: a `Kernel` with a `step_size` parameter (`mala(...)`, or
+        `from_blackjax(blackjax.nuts, log_prob_fn, step_size=..., ...)`). A function
+        step_size -> Kernel (the old form) is still accepted: it is called once.
       key: PRNG key.
       x0: (n_chains, d) initial positions.
       n_steps: adaptation steps, >= 1.
       target_acceptance: δ in (0, 1).
-      initial_step_size: a_0 > 0; a poor guess (100x off) still converges.
+      initial_step_size: a_0 > 0; default the kernel's own step size (0.1 for the old
+        form). A poor guess (100x off) still converges.
+      args: passed on to the kernel, as in `run_chains`.
 
     Returns:
-      (step_size, state): the averaged step ā and the chains' state after adaptation.
+      (step_size, state): the averaged step ā and the chains' state after adaptation;
+      `kernel.replace(step_size=step_size)` is the tuned kernel.
       Proposals with a non-finite log-density are rejected; their count is reported
       in a warning, and a non-finite tuned step raises `FloatingPointError`.
     """
+    if initial_step_size is not None:
+        _validate.positive("initial_step_size", initial_step_size)
+    if not isinstance(kernel, Kernel) and callable(kernel):
+        kernel = kernel(0.1 if initial_step_size is None else initial_step_size)
+    kernel = _check_kernel(kernel)
+    if "step_size" not in kernel.params:
+        raise TypeError(f"kernel must have a step_size parameter to tune, got one with {sorted(kernel.params)}")
     _validate.key("key", key)
     x0 = _validate.batch("x0", x0)
     n_steps = _validate.positive_int("n_steps", n_steps)
+    args = _check_args(args)
     if not (isinstance(target_acceptance, (int, float)) and 0.0 < target_acceptance < 1.0):
         raise ValueError(f"target_acceptance must be in (0, 1), got {target_acceptance!r}")
-    _validate.positive("initial_step_size", initial_step_size)
+    if initial_step_size is None:
+        initial_step_size = kernel.params["step_size"]
+    x0 = shard_chains(x0)
+    kernel, args = _replicate_like((kernel, args), x0)
     log_a_bar, state, n_bad = _dual_averaging(
-        make_kernel, key, shard_chains(x0), n_steps, float(target_acceptance), float(initial_step_size))
+        kernel, key, x0, args, n_steps, _float(target_acceptance), _float(initial_step_size))
     n_bad = int(n_bad)
     if n_bad:
         import warnings
@@ -313,18 +573,19 @@ def tune_step_size(
     return step, state
 
 
-@functools.partial(jax.jit, static_argnames=("make_kernel", "n_steps", "delta", "a0"))
-def _dual_averaging(make_kernel, key, x0, n_steps: int, delta: float, a0: float):
+@functools.partial(jax.jit, static_argnames=("n_steps",))
+def _dual_averaging(kernel: Kernel, key, x0, args: tuple, n_steps: int, delta, a0):
     gamma, t0, kappa = 0.05, 10.0, 0.75
     mu = jnp.log(10.0 * a0)
     n_chains = x0.shape[0]
-    state = jax.vmap(make_kernel(jnp.asarray(a0, x0.dtype)).init)(x0)
+    kernel = kernel.replace(step_size=a0)
+    state = jax.vmap(kernel.init, in_axes=(0,) + (None,) * len(args))(x0, *args)
+    step = lambda kern, keys, state: jax.vmap(kern.step, in_axes=(0, 0) + (None,) * len(args))(keys, state, *args)
 
     def one_step(carry, t):
         state, h, log_a, log_a_bar, bad = carry
-        kernel = make_kernel(jnp.exp(log_a).astype(x0.dtype))
         keys = jax.random.split(jax.random.fold_in(key, t), n_chains)
-        state, info = jax.vmap(kernel.step)(keys, state)
+        state, info = step(kernel.replace(step_size=jnp.exp(log_a)), keys, state)
         alpha = jnp.mean(info.acceptance_prob)
         i = t + 1.0
         h = (1 - 1 / (i + t0)) * h + (delta - alpha) / (i + t0)
@@ -334,65 +595,7 @@ def _dual_averaging(make_kernel, key, x0, n_steps: int, delta: float, a0: float)
         bad = bad + jnp.sum(~info.is_finite, dtype=jnp.int32)
         return (state, h, log_a, log_a_bar, bad), None
 
-    init = (state, jnp.zeros(()), jnp.log(jnp.asarray(a0)), jnp.zeros(()), jnp.zeros((), jnp.int32))
-    (state, _, _, log_a_bar, bad), _ = jax.lax.scan(one_step, init, jnp.arange(n_steps, dtype=jnp.float32))
+    zero = jnp.zeros((), a0.dtype)
+    init = (state, zero, jnp.log(a0), zero, jnp.zeros((), jnp.int32))
+    (state, _, _, log_a_bar, bad), _ = jax.lax.scan(one_step, init, jnp.arange(n_steps))
     return log_a_bar, state, bad
-
-
-# --- diagnostics ---------------------------------------------------------------
-
-
-def _check_trace(trace) -> Array:
-    trace = _validate.float_array("trace", trace, ndim=3)
-    if trace.shape[0] < 4 or trace.shape[1] < 1:
-        raise ValueError(f"trace must have shape (n_draws >= 4, n_chains, d), got {trace.shape}")
-    return trace
-
-
-def _split_chains(trace: Array) -> Array:
-    n = trace.shape[0] // 2
-    return jnp.concatenate([trace[:n], trace[trace.shape[0] - n :]], axis=1)
-
-
-def _between_within(trace: Array) -> tuple[Array, Array]:
-    """(var+, W): the pooled variance estimate and the mean within-chain variance, (d,)."""
-    n, m = trace.shape[:2]
-    w = jnp.mean(jnp.var(trace, axis=0, ddof=1), axis=0)
-    b_over_n = jnp.var(jnp.mean(trace, axis=0), axis=0, ddof=1) if m > 1 else 0.0
-    return (n - 1) / n * w + b_over_n, w
-
-
-def split_rhat(trace) -> Array:
-    """Split R-hat (Gelman et al., BDA3) per coordinate, (d,); near 1 when chains agree.
-
-    Args:
-      trace: (n_draws, n_chains, d), n_chains >= 1 (each chain is split in two).
-    """
-    trace = _split_chains(_check_trace(trace))
-    var_plus, w = _between_within(trace)
-    return jnp.sqrt(var_plus / w)
-
-
-def effective_sample_size(trace) -> Array:
-    """Multi-chain ESS per coordinate (Geyer's initial monotone sequence, as in Stan), (d,).
-
-    Args:
-      trace: (n_draws, n_chains, d).
-    """
-    trace = _check_trace(trace)
-    n, m, _ = trace.shape
-    centred = trace - jnp.mean(trace, axis=0)
-    size = 2 * n
-    f = jnp.fft.rfft(centred, n=size, axis=0)
-    acov = jnp.fft.irfft(f * jnp.conj(f), n=size, axis=0)[:n] / n  # (n, m, d), biased
-    var_plus, w = _between_within(trace)
-    rho = 1.0 - (w - jnp.mean(acov, axis=1)) / var_plus  # (n, d)
-    rho = rho.at[0].set(1.0)
-    n_pairs = n // 2
-    pairs = rho[: 2 * n_pairs].reshape(n_pairs, 2, -1).sum(axis=1)  # (n_pairs, d)
-    # Initial positive sequence, then made monotone decreasing.
-    positive = jnp.cumprod(pairs > 0, axis=0).astype(bool)
-    pairs = jnp.where(positive, pairs, 0.0)
-    pairs = jax.lax.cummin(pairs, axis=0)
-    tau = -1.0 + 2.0 * jnp.sum(pairs, axis=0)
-    return n * m / jnp.maximum(tau, 1.0 / jnp.log10(n * m))

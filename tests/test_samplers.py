@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jsm import samplers as S, targets
+from jsm import diagnostics as D, samplers as S, targets
 
 from conftest import tol
 
@@ -29,14 +29,14 @@ def test_mala_moments_within_ess_bounds(gauss, mala_kernel, seed):
     assert 0.4 < float(info.acceptance_rate.mean()) < 0.95 and int(info.n_nonfinite.sum()) == 0
     trace = np.asarray(trace[200:])
     m, var = np.asarray(gauss.mean), np.diag(np.asarray(gauss.cov))
-    ess = np.asarray(S.effective_sample_size(trace))
+    ess = np.asarray(D.effective_sample_size(trace))
     assert np.all(ess > 1000)
     np.testing.assert_array_less(np.abs(trace.mean((0, 1)) - m), 5 * np.sqrt(var / ess))
     # Second moments: z-test on (x - m)^2, with its own ESS and spread.
     sq = (trace - m) ** 2
-    ess_sq = np.asarray(S.effective_sample_size(sq))
+    ess_sq = np.asarray(D.effective_sample_size(sq))
     np.testing.assert_array_less(np.abs(sq.mean((0, 1)) - var), 5 * sq.std((0, 1)) / np.sqrt(ess_sq))
-    assert np.all(np.asarray(S.split_rhat(trace)) < 1.02)
+    assert np.all(np.asarray(D.split_rhat(trace)) < 1.02)
 
 
 @pytest.mark.numerics
@@ -99,24 +99,6 @@ def test_run_chains_trace_thinning_and_determinism(gauss, mala_kernel):
     np.testing.assert_array_equal(again.position, final.position)
 
 
-@pytest.mark.numerics
-def test_ess_and_rhat_on_processes_with_known_answers():
-    """AR(1) x_t = ρ x_{t-1} + sqrt(1-ρ²) u_t has ESS = N (1-ρ)/(1+ρ)."""
-    rng = np.random.default_rng(0)
-    n, m, rho = 4000, 8, 0.8
-    u = rng.normal(size=(n, m, 1))
-    x = np.zeros_like(u)
-    x[0] = rng.normal(size=(m, 1))
-    for t in range(1, n):
-        x[t] = rho * x[t - 1] + np.sqrt(1 - rho**2) * u[t]
-    ess = float(S.effective_sample_size(x)[0])
-    np.testing.assert_allclose(ess, n * m * (1 - rho) / (1 + rho), rtol=0.15)
-    np.testing.assert_allclose(float(S.effective_sample_size(u)[0]), n * m, rtol=0.1)
-    assert float(S.split_rhat(x)[0]) < 1.01
-    shifted = x + np.arange(m)[None, :, None]  # chains that disagree
-    assert float(S.split_rhat(shifted)[0]) > 1.5
-
-
 @pytest.mark.parametrize(
     "call, error, match",
     [
@@ -128,6 +110,13 @@ def test_ess_and_rhat_on_processes_with_known_answers():
         (lambda: S.run_chains(S.ula(lambda x: -x, 0.1), jax.random.key(0), jnp.zeros((2, 2)), 0), ValueError, "n_steps must be an int >= 1"),
         (lambda: S.run_chains(S.ula(lambda x: -x, 0.1), jax.random.key(0), jnp.zeros((2, 2)), 10, thin=3), ValueError, "multiple of thin=3"),
         (lambda: S.run_chains(lambda k, s: s, jax.random.key(0), jnp.zeros((2, 2)), 10), TypeError, "kernel must be a jsm.samplers.Kernel"),
+        (lambda: S.run_chains(S.ula(lambda x, p: -x, 0.1), jax.random.key(0), jnp.zeros((2, 2)), 10, args={"p": 1.0}), TypeError, "args must be a tuple of pytrees.*got dict"),
+        (lambda: S.mala(lambda x: -x @ x, 0.1).replace(step=0.2), ValueError, r"unknown parameter\(s\) \['step'\]; this kernel has \['step_size'\]"),
+        (lambda: S.mala(lambda x: -x @ x, jnp.ones(2)), ValueError, r"step_size must be a scalar, got shape \(2,\)"),
+        (lambda: S.from_blackjax(lambda x: x), TypeError, "algorithm must be a blackjax SamplingAlgorithm"),
+        (lambda: S.from_blackjax(object(), lambda x: x), TypeError, "algorithm must be a blackjax factory"),
+        (lambda: S.from_blackjax(lambda f, **kw: None, lambda x: x, metric={"a": 1}), TypeError, "metric must be a float, an array or a hashable setting, got dict"),
+        (lambda: S.tune_step_size(S.annealed_langevin(lambda x, s: -x, jnp.array([1.0]), 5, snr=0.1), jax.random.key(0), jnp.zeros((2, 2)), 10), TypeError, "kernel must have a step_size parameter"),
     ],
 )
 def test_bad_input_raises(call, error, match):
@@ -140,7 +129,9 @@ import jax, jax.numpy as jnp, numpy as np, sys
 from jsm import samplers as S, targets
 t = targets.GaussianMixture(jnp.array([[-2.0, 0.0], [2.0, 0.0]]), jnp.array([0.5, 0.5]), jnp.array([0.3, 0.7]))
 x0 = jax.random.normal(jax.random.key(0), (8, 2))
-final, trace, info = S.run_chains(S.mala(t.log_prob, 0.3), jax.random.key(1), x0, 50, thin=25)
+shift = jax.device_put(jnp.array([0.5, 0.0]), jax.devices()[0])  # an arg committed to one device
+final, trace, info = S.run_chains(S.mala(lambda x, m: t.log_prob(x - m), 0.3), jax.random.key(1), x0, 50, thin=25,
+                                  args=(shift,))
 print(len(jax.devices()), len(final.position.sharding.device_set))
 np.save(sys.argv[1], np.concatenate([np.asarray(trace).ravel(), np.asarray(info.acceptance_rate)]))
 """
@@ -174,18 +165,17 @@ def anisotropic():
 @pytest.mark.numerics
 @pytest.mark.parametrize("initial", [0.1, 10.0, 1e-3])  # a good guess, and hopeless starts 100x too large / small
 def test_tuned_mala_accepts_at_the_target_rate(anisotropic, initial):
-    make = lambda a: S.mala(anisotropic.log_prob, a)
+    kernel = S.mala(anisotropic.log_prob, initial)
     x0 = anisotropic.sample(jax.random.key(0), 64)
-    step, state = S.tune_step_size(make, jax.random.key(1), x0, 1000, initial_step_size=initial)
-    assert state.position.shape == (64, 10)
-    _, _, info = S.run_chains(make(step), jax.random.key(2), state.position, 1000)
+    step, state = S.tune_step_size(kernel, jax.random.key(1), x0, 1000)
+    _, _, info = S.run_chains(kernel.replace(step_size=step), jax.random.key(2), state.position, 1000)
     assert abs(float(info.acceptance_rate.mean()) - 0.574) < 0.05
 
 
 def test_tuning_reports_non_finite_log_densities():
     log_prob = lambda x: jnp.where(x[0] > 1.0, jnp.nan, -0.5 * jnp.dot(x, x))
     with pytest.warns(RuntimeWarning, match=r"\d+ proposals had a non-finite log-density"):
-        step, state = S.tune_step_size(lambda a: S.mala(log_prob, a), jax.random.key(0), jnp.zeros((16, 2)), 200)
+        step, state = S.tune_step_size(S.mala(log_prob, 0.1), jax.random.key(0), jnp.zeros((16, 2)), 200)
     assert np.all(np.asarray(state.position[:, 0]) <= 1.0)
 
 
@@ -199,7 +189,7 @@ def test_tuning_reports_non_finite_log_densities():
     ],
 )
 def test_tuning_bad_input(kw, match):
-    args = dict(make_kernel=lambda a: S.mala(lambda x: -x @ x, a), key=jax.random.key(0), x0=jnp.zeros((4, 2)), n_steps=10)
+    args = dict(kernel=S.mala(lambda x: -x @ x, 0.1), key=jax.random.key(0), x0=jnp.zeros((4, 2)), n_steps=10)
     with pytest.raises(ValueError, match=match):
         S.tune_step_size(**(args | kw))
 
@@ -216,6 +206,154 @@ def test_snr_rule_sets_drift_to_snr_times_noise():
     s = score(x, 1.0)
     a = 2 * (0.16 * jnp.linalg.norm(u) / jnp.linalg.norm(s)) ** 2
     np.testing.assert_allclose(new.position, x + a * s + jnp.sqrt(2 * a) * u, rtol=tol(1e-5, 1e-12))
-    np.testing.assert_allclose(jnp.linalg.norm(a * s), 0.16 * jnp.sqrt(2 * a) * jnp.linalg.norm(u), rtol=tol(1e-5, 1e-12))
+    # The kernel's own coefficients: solve x' - x = c1 s + c2 u; the rule says c2 = sqrt(2 c1), |c1 s| = r c2 |u|.
+    c1, c2 = np.linalg.solve(np.stack([s, u], axis=1), np.asarray(new.position - x))
+    np.testing.assert_allclose(c2, np.sqrt(2 * c1), rtol=tol(1e-4, 1e-10))
+    np.testing.assert_allclose(c1 * np.linalg.norm(s), 0.16 * c2 * np.linalg.norm(u), rtol=tol(1e-4, 1e-10))
     with pytest.raises(ValueError, match="give exactly one of step_size and snr"):
         S.annealed_langevin(score, jnp.array([1.0]), 5, 0.1, snr=0.1)
+
+
+# --- kernels are data: new numbers and new args compile nothing --------------------
+
+
+def _shifted_log_prob(x, m):
+    return -0.5 * jnp.sum((x - m) ** 2)
+
+
+def _shifted_score(x, sigma, m):
+    return -(x - m) / (1.0 + sigma**2)
+
+
+@pytest.fixture
+def compilations():
+    """The XLA compilations made while the test runs, counted through jax.monitoring."""
+    events = []
+
+    def listen(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_new_step_sizes_args_and_rebuilt_kernels_compile_nothing(compilations):
+    key, x0 = jax.random.key(0), jnp.zeros((4, 3))
+    m1, m2 = jnp.zeros(3), jnp.array([1.0, -2.0, 0.5])
+    sigmas1, sigmas2 = jnp.array([2.0, 1.0, 0.5]), jnp.array([3.0, 0.3, 0.1])
+    first = S.run_chains(S.mala(_shifted_log_prob, 0.1), key, x0, 20, args=(m1,))[0].position
+    S.run_chains(S.annealed_langevin(_shifted_score, sigmas1, 5, 0.01), key, x0, 20, args=(m1,))
+    S.tune_step_size(S.mala(_shifted_log_prob, 0.1), key, x0, 20, args=(m1,))
+    warm = len(compilations)
+    assert warm >= 3  # the listener sees compilations at all
+
+    kernel = S.mala(_shifted_log_prob, 0.3)  # rebuilt from the same function, a new step size
+    again = S.run_chains(kernel, key, x0, 20, args=(m1,))[0].position
+    S.run_chains(kernel.replace(step_size=0.05), key, x0, 20, args=(m2,))
+    S.run_chains(S.annealed_langevin(_shifted_score, sigmas2, 7, 0.5), key, x0, 20, args=(m2,))
+    S.run_chains(S.annealed_langevin(_shifted_score, sigmas2, 7, 0.5), key, x0, 20, args=(m2,))
+    S.tune_step_size(kernel, key, x0, 20, args=(m2,), initial_step_size=1.0)
+    assert len(compilations) == warm
+
+    # The new numbers were used, not a constant baked in at the first compilation: a
+    # kernel of a NEW function (which compiles) with the same numbers gives the same chains.
+    fresh = S.run_chains(S.mala(lambda x, m: _shifted_log_prob(x, m), 0.3), key, x0, 20, args=(m1,))[0].position
+    assert len(compilations) > warm
+    np.testing.assert_allclose(again, fresh, rtol=tol(1e-6, 1e-12), atol=tol(1e-6, 1e-12))
+    assert not np.allclose(again, first)
+
+
+@pytest.mark.numerics
+def test_args_reach_the_log_density_and_the_score():
+    """mala(f, a) with args=(m,) runs the same chains as mala(x -> f(x, m), a); ula and annealed too."""
+    key, x0, m = jax.random.key(3), jnp.ones((6, 3)), jnp.array([2.0, -1.0, 0.0])
+    sigmas = jnp.array([1.0, 0.5])
+    pairs = [
+        (S.mala(_shifted_log_prob, 0.2), S.mala(lambda x: _shifted_log_prob(x, m), 0.2)),
+        (S.ula(jax.grad(_shifted_log_prob), 0.2), S.ula(lambda x: jax.grad(_shifted_log_prob)(x, m), 0.2)),
+        (S.annealed_langevin(_shifted_score, sigmas, 5, 0.1),
+         S.annealed_langevin(lambda x, sigma: _shifted_score(x, sigma, m), sigmas, 5, 0.1)),
+    ]
+    for with_args, closed in pairs:
+        a = S.run_chains(with_args, key, x0, 30, args=(m,))[0].position
+        b = S.run_chains(closed, key, x0, 30)[0].position
+        np.testing.assert_allclose(a, b, rtol=tol(1e-6, 1e-12), atol=tol(1e-6, 1e-12))
+        assert not np.allclose(a, x0)
+    # By hand, as partition.py does: kernel.init / kernel.step take the args too.
+    kernel = S.mala(_shifted_log_prob, 0.2)
+    state = kernel.init(x0[0], m)
+    np.testing.assert_allclose(state.grad, -(x0[0] - m), rtol=tol(1e-6, 1e-12))
+    new, info = kernel.step(key, state, m)
+    assert new.position.shape == (3,) and bool(info.is_finite)
+
+
+# --- blackjax kernels under run_chains ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gauss10():
+    a = jax.random.normal(jax.random.key(7), (10, 10)) * 0.3
+    return targets.Gaussian(jnp.linspace(-1.0, 1.0, 10), a @ a.T + 0.5 * jnp.eye(10))
+
+
+@pytest.mark.numerics
+def test_blackjax_nuts_through_run_chains_matches_the_moments_within_ess_bounds(gauss10):
+    blackjax = pytest.importorskip("blackjax")
+    kernel = S.from_blackjax(blackjax.nuts, gauss10.log_prob, step_size=0.4, inverse_mass_matrix=jnp.ones(10))
+    key = jax.random.key(0)
+    x0 = gauss10.sample(jax.random.fold_in(key, 1), 8)
+    _, trace, info = S.run_chains(kernel, key, x0, 600, thin=1)
+    assert int(info.n_nonfinite.sum()) == 0  # no divergent transitions at this step size
+    assert 0.6 < float(info.acceptance_rate.mean()) < 0.99
+    trace = np.asarray(trace[100:], np.float64)
+    m, cov = np.asarray(gauss10.mean), np.asarray(gauss10.cov)
+    var = np.diag(cov)
+    ess = np.asarray(D.effective_sample_size(trace))
+    assert np.all(ess > 1000)
+    np.testing.assert_array_less(np.abs(trace.mean((0, 1)) - m), 5 * np.sqrt(var / ess))
+    sq = (trace - m) ** 2
+    ess_sq = np.asarray(D.effective_sample_size(sq))
+    np.testing.assert_array_less(np.abs(sq.mean((0, 1)) - var), 5 * sq.std((0, 1)) / np.sqrt(ess_sq))
+    # The full covariance: the off-diagonal products (x_i - m_i)(x_j - m_j), z-tested the same way.
+    i, j = np.triu_indices(10, 1)
+    prod = (trace[..., i] - m[i]) * (trace[..., j] - m[j])
+    ess_prod = np.asarray(D.effective_sample_size(prod))
+    np.testing.assert_array_less(np.abs(prod.mean((0, 1)) - cov[i, j]), 5 * prod.std((0, 1)) / np.sqrt(ess_prod))
+    assert np.all(np.asarray(D.split_rhat(trace)) < 1.02)
+
+
+def test_blackjax_kernels_take_args_new_numbers_and_report_divergences(compilations):
+    """The factory form: step size and mass matrix are data, the log-density takes args;
+    a step size far past the stability limit diverges, and the divergences are counted."""
+    blackjax = pytest.importorskip("blackjax")
+    key, x0, m = jax.random.key(1), jnp.zeros((4, 3)), jnp.array([5.0, -5.0, 5.0])
+    kernel = S.from_blackjax(blackjax.hmc, _shifted_log_prob, step_size=0.3, inverse_mass_matrix=jnp.ones(3),
+                             num_integration_steps=5)
+    final, _, info = S.run_chains(kernel, key, x0, 200, args=(m,))
+    warm = len(compilations)
+    _, _, bad = S.run_chains(kernel.replace(step_size=5.0), key, x0, 200, args=(m,))
+    assert len(compilations) == warm
+    assert np.asarray(info.acceptance_rate).mean() > 0.8 and np.asarray(info.n_nonfinite).sum() == 0
+    # The mean of 4 chains of N(m, I) after 200 steps from 0: within 5 sd = 5/sqrt(4) of m.
+    np.testing.assert_array_less(np.abs(np.asarray(final.position).mean(0) - np.asarray(m)), 2.5)
+    assert np.all(np.asarray(bad.n_nonfinite) > 100)  # nearly every step diverges
+
+    # A built SamplingAlgorithm closes over its log-density: it runs, and refuses args.
+    built = S.from_blackjax(blackjax.mala(lambda x: _shifted_log_prob(x, m), 0.3))
+    final, _, info = S.run_chains(built, key, x0, 300)
+    assert 0.3 < float(info.acceptance_rate.mean()) < 1.0
+    np.testing.assert_array_less(np.abs(np.asarray(final.position).mean(0) - np.asarray(m)), 2.5)
+    with pytest.raises(TypeError, match="takes no args"):
+        S.run_chains(built, key, x0, 10, args=(m,))
+
+
+@pytest.mark.numerics
+def test_tuning_a_blackjax_kernel_hits_its_target(anisotropic):
+    blackjax = pytest.importorskip("blackjax")
+    kernel = S.from_blackjax(blackjax.mala, anisotropic.log_prob, step_size=1.0)
+    x0 = anisotropic.sample(jax.random.key(0), 64)
+    step, state = S.tune_step_size(kernel, jax.random.key(1), x0, 1000)
+    _, _, info = S.run_chains(kernel.replace(step_size=step), jax.random.key(2), state.position, 1000)
+    assert abs(float(info.acceptance_rate.mean()) - 0.574) < 0.05

@@ -1,10 +1,15 @@
 """How many Langevin chain-steps per second does `run_chains` sustain, against blackjax?
 
 ULA and MALA on an 8-component 2-D Gaussian mixture (the Ring target, its log-density
-a few dense products) and on an MLP energy in d = 64, at 1k and 16k chains. The peer
-(blackjax, optional: `pip install blackjax`) runs MALA on the same mixture written the
-obvious way (broadcast differences and a logsumexp), vmapped over chains inside a
-jitted lax.scan, as its documentation does.
+a few dense products) and on an MLP energy in d = 64 whose parameters are passed as
+`args`, at 1k and 16k chains. Kernels are data: the column "rebuilt per call" times the
+same sampler with its kernel built anew, with a new step size, before every call; it
+reuses the compiled loop, so it should match the kernel built once (before kernels were
+pytrees it recompiled every call: 1.6M against 5.4M chain-steps/s).
+The peer (blackjax, optional: `pip install blackjax`) runs MALA on the same mixture
+written the obvious way (broadcast differences and a logsumexp), vmapped over chains
+inside a jitted lax.scan, as its documentation does; and the same blackjax kernel
+under `run_chains` through `samplers.from_blackjax`.
 
     python experiments/bench/chain_throughput.py --out runs/bench/chain_throughput.json
 """
@@ -23,7 +28,6 @@ from jax.scipy.special import logsumexp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, table, time_call  # noqa: E402
 
-import jsm  # noqa: E402
 from jsm import nets, samplers, targets  # noqa: E402
 
 STEP = 0.05
@@ -68,29 +72,43 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     ring = targets.Ring(8, 2.0, 0.3)
     apply, params = nets.pure(nets.MLPEnergy(64, (128, 128), rngs=nnx.Rngs(0)))
-    mlp_energy = lambda x: apply(params, x)
+    mlp_log_prob = lambda x, p: -apply(p, x)  # the parameters are data: args=(params,)
     problems = {
-        "mixture d=2": (ring.score, ring.log_prob, 2),
-        "MLP energy d=64": (jsm.score_of(mlp_energy), lambda x: -mlp_energy(x), 64),
+        "mixture d=2": (ring.score, ring.log_prob, 2, ()),
+        "MLP energy d=64": (jax.grad(mlp_log_prob), mlp_log_prob, 64, (params,)),
     }
     rows = []
     key = jax.random.key(0)
+    new_steps = iter(STEP * (1.0 + 1e-3 * i) for i in range(10**6))
     for n_chains in map(int, args.chains.split(",")):
-        for problem, (score, log_prob, d) in problems.items():
+        for problem, (score, log_prob, d, kernel_args) in problems.items():
             x0 = jax.random.normal(key, (n_chains, d))
-            for name, kernel in (("ula", samplers.ula(score, STEP)), ("mala", samplers.mala(log_prob, STEP))):
-                t = time_call(lambda k, x: samplers.run_chains(kernel, k, x, args.steps)[0].position, key, x0,
-                              reps=args.reps)
-                rows.append({"problem": problem, "chains": n_chains, "sampler": f"jsm {name}",
-                             "chain_steps_per_s": n_chains * args.steps / t})
+
+            def row(sampler: str, fn, **extra) -> None:
+                t = time_call(fn, key, x0, reps=args.reps)
+                rows.append({"problem": problem, "chains": n_chains, "sampler": sampler,
+                             "chain_steps_per_s": n_chains * args.steps / t, **extra})
+
+            for name, make in (("ula", samplers.ula), ("mala", samplers.mala)):
+                fn = score if name == "ula" else log_prob
+                kernel = make(fn, STEP)
+                # The same sampler, its kernel rebuilt with a new step size before every call.
+                rebuilt = time_call(lambda k, x: samplers.run_chains(
+                    make(fn, next(new_steps)), k, x, args.steps, args=kernel_args)[0].position, key, x0, reps=args.reps)
+                row(f"jsm {name}",
+                    lambda k, x: samplers.run_chains(kernel, k, x, args.steps, args=kernel_args)[0].position,
+                    rebuilt_per_call_chain_steps_per_s=n_chains * args.steps / rebuilt)
             if problem.startswith("mixture"):
                 peer = blackjax_mala(obvious_mixture_log_prob(ring), args.steps)
                 if peer is not None:
-                    t = time_call(peer, key, x0, reps=args.reps)
-                    rows.append({"problem": problem, "chains": n_chains, "sampler": "blackjax mala (obvious target)",
-                                 "chain_steps_per_s": n_chains * args.steps / t})
+                    import blackjax
+
+                    row("blackjax mala (obvious target)", peer)
+                    kernel = samplers.from_blackjax(blackjax.mala, obvious_mixture_log_prob(ring), step_size=STEP)
+                    row("blackjax mala (obvious target) under jsm run_chains",
+                        lambda k, x: samplers.run_chains(kernel, k, x, args.steps)[0].position)
             print(f"{n_chains} chains, {problem}: done", flush=True)
-    print(table(rows, ["problem", "chains", "sampler", "chain_steps_per_s"]))
+    print(table(rows, ["problem", "chains", "sampler", "chain_steps_per_s", "rebuilt_per_call_chain_steps_per_s"]))
     save(args.out, rows, steps=args.steps, step_size=STEP)
     return rows
 
