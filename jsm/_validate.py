@@ -56,6 +56,15 @@ def batch(name: str, xs, *, dim: int | None = None) -> jax.Array:
     return arr
 
 
+def examples(name: str, xs) -> jax.Array:
+    """A non-empty batch of examples of any shape: (n, d), (n, h, w, c), ..."""
+    arr = float_array(name, xs)
+    if arr.ndim < 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name} must be a batch of shape (n, *example_shape) with n >= 1 (e.g. (n, d) or "
+                         f"(n, h, w, c)), got shape {tuple(arr.shape)}")
+    return arr
+
+
 def positive(name: str, value) -> None:
     """`value` (a scalar or array) is > 0 wherever it is concrete."""
     if is_concrete(value):

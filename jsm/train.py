@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jsm import _validate
@@ -199,11 +200,13 @@ def _batch_at(data: Array, data_key: Array, step: Array, batch_size: int) -> Arr
 
 @functools.lru_cache(maxsize=16)
 def _make_chunk(loss_fn, optimizer: optax.GradientTransformation, batch_size: int, length: int, stateful: bool,
-                has_aux: bool = False, ema_decay: float | None = None):
+                has_aux: bool = False, ema_decay: float | None = None, batch_sharding: NamedSharding | None = None):
     """A jitted function running up to `length` steps, stopping at `end` or at a non-finite step.
 
-    Cached on its arguments, so that calling `fit` again with the same loss and optimizer
-    objects (resuming in the same process) compiles nothing new.
+    With `batch_sharding`, every batch is split along its first axis across the mesh's "data"
+    devices; the compiler then runs each device's share of the per-example work there and
+    all-reduces the mean loss and its gradient. Cached on its arguments, so that calling `fit`
+    again with the same loss and optimizer objects (resuming in the same process) compiles nothing new.
     """
     step = make_step(loss_fn if stateful else stateless(loss_fn, has_aux=has_aux), optimizer, ema_decay=ema_decay)
 
@@ -214,7 +217,10 @@ def _make_chunk(loss_fn, optimizer: optax.GradientTransformation, batch_size: in
         def body(carry, _):
             state, halted = carry
             active = (state.step < end) & ~halted
-            new, metrics = step(state, _batch_at(data, data_key, state.step, batch_size))
+            batch = _batch_at(data, data_key, state.step, batch_size)
+            if batch_sharding is not None:
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            new, metrics = step(state, batch)
             state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
             taken = active & metrics.pop("finite")
             return (state, halted | (active & ~taken)), (metrics, taken)
@@ -328,7 +334,7 @@ def _set_aside(directory: Path, skipped: list[tuple[int, str]]) -> Path:
 # --- metrics and callbacks ---------------------------------------------------------
 
 
-def _read_rows(path: Path, up_to: int) -> list[dict]:
+def _read_rows(path: Path, up_to: int, rewrite: bool = True) -> list[dict]:
     """Rows of a JSON-lines file with step <= up_to; rewrites the file to hold only those.
 
     A run killed after its last checkpoint may have logged steps that the
@@ -343,7 +349,8 @@ def _read_rows(path: Path, up_to: int) -> list[dict]:
                 continue
             if row.get("step", math.inf) <= up_to:
                 rows.append(row)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if rewrite:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -363,8 +370,8 @@ def _jsonable(result) -> dict:
 class _Callbacks:
     """The callbacks' results, kept in memory and (with a workdir) in <workdir>/callbacks/<name>.json."""
 
-    def __init__(self, callbacks: Sequence[Callback], directory: Path | None, up_to: int):
-        self.callbacks, self.directory = tuple(callbacks), directory
+    def __init__(self, callbacks: Sequence[Callback], directory: Path | None, up_to: int, write: bool = True):
+        self.callbacks, self.directory, self.write = tuple(callbacks), directory, write
         self.rows: dict[str, list[dict]] = {c.name: [] for c in self.callbacks}
         if directory is not None:
             for c in self.callbacks:
@@ -383,14 +390,14 @@ class _Callbacks:
             if not due or any(r["step"] == step for r in self.rows[c.name]):
                 continue
             self.rows[c.name].append({"step": step, **_jsonable(c.fn(state))})
-            if self.directory is not None:
+            if self.directory is not None and self.write:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 save_json(self.directory / f"{c.name}.json", self.rows[c.name])
 
     def truncate(self, up_to: int) -> None:
         for c in self.callbacks:
             self.rows[c.name] = [r for r in self.rows[c.name] if r["step"] <= up_to]
-            if self.directory is not None and (self.directory / f"{c.name}.json").exists():
+            if self.directory is not None and self.write and (self.directory / f"{c.name}.json").exists():
                 save_json(self.directory / f"{c.name}.json", self.rows[c.name])
 
 
@@ -422,7 +429,7 @@ def _kill_hook(step: int, moment: str, mgr=None) -> None:
 # --- the loop ------------------------------------------------------------------
 
 
-def _roll_back(state: TrainState, start: TrainState, mgr, last_saved: int | None, bad_step: int):
+def _roll_back(state: TrainState, start: TrainState, mgr, last_saved: int | None, bad_step: int, place):
     """The last good checkpoint (or the start), with the failed attempt's key folded with bad_step.
 
     Folding the key of the attempt that failed (not the checkpoint's) chains the keys of
@@ -432,8 +439,41 @@ def _roll_back(state: TrainState, start: TrainState, mgr, last_saved: int | None
     if mgr is not None and last_saved is not None:
         mgr.wait_until_finished()
         good = _restore_step(mgr, last_saved, state)
-    good = jax.device_put(good._replace(key=jax.random.fold_in(state.key, bad_step)), jax.devices()[0])
+    good = place(good._replace(key=jax.random.fold_in(state.key, bad_step)))
     return good, int(good.step)
+
+
+def _placement(mesh, batch_size: int):
+    """(where the state and data live, how a batch is split): one device, or replicated over `mesh`
+    with batches split along its "data" axis."""
+    if mesh is None:
+        return jax.devices()[0], None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    if "data" not in mesh.axis_names:
+        raise ValueError(f"mesh must have an axis named 'data' to split batches along, got axes {mesh.axis_names}")
+    n = mesh.shape["data"]
+    if batch_size % n:
+        raise ValueError(f"batch_size must be a multiple of the mesh's 'data' axis size {n}, got {batch_size}")
+    # The compiler places the work (auto axes), whatever axis types the caller's mesh has.
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
+
+def _put(tree: PyTree, where) -> PyTree:
+    """device_put, also onto devices of other processes: every process passes the same values."""
+    if not isinstance(where, NamedSharding) or where.is_fully_addressable:
+        return jax.device_put(tree, where)
+
+    def leaf(x):
+        if isinstance(x, jax.Array) and x.sharding == where:
+            return x
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+    return jax.tree.map(leaf, tree)
 
 
 def _next_multiple(step: int, every: int) -> int:
@@ -458,6 +498,7 @@ def fit(
     has_aux: bool = False,
     callbacks: Sequence[Callback] = (),
     ema_decay: float | None = None,
+    mesh: Mesh | None = None,
     rollbacks: int = 0,
 ) -> FitResult:
     """Minimise E_batch[loss(params, key, batch)] with `optimizer` for `steps` steps.
@@ -489,6 +530,11 @@ def fit(
         that step's checkpoint and reused after a restart. `FitResult.callbacks` holds them.
       ema_decay: β in [0, 1): keep θ̄ <- β θ̄ + (1 - β) θ after every update, checkpointed with
         the rest and returned as `FitResult.ema_params`. None: no moving average.
+      mesh: a `jax.sharding.Mesh` with an axis "data": every batch is split along it across
+        devices (batch_size must be a multiple of its size), parameters and optimizer state are
+        replicated, one compiled step. It may span several processes (`jax.distributed`): each
+        process then passes the same data and arguments, computes its devices' share of every
+        batch, and process 0 alone writes metrics and callback results. None: one device.
       rollbacks: how many times a non-finite step may be survived: the run goes back to
         its last good checkpoint (or the start), replaces the key by fold_in(key, bad step)
         (the key of the attempt that failed) and goes on. The new key is a function of the
@@ -507,7 +553,7 @@ def fit(
     warning naming it and the reason, moved to `checkpoints.damaged/` (never deleted),
     and the run resumes from the newest one that restores.
     """
-    data = _validate.batch("data", data)
+    data = _validate.examples("data", data)
     _validate.key("key", key)
     steps = _validate.positive_int("steps", steps, minimum=0)
     batch_size = _validate.positive_int("batch_size", batch_size)
@@ -524,9 +570,12 @@ def fit(
         raise ValueError("has_aux is for a plain loss(params, key, batch); with objective_state the loss "
                          "returns (loss, aux, state) already")
 
-    state = init_state(params, optimizer, key, objective_state, ema_decay=ema_decay)
-    # Committed to the device like a restored state, so a fresh and a resumed run share one compile.
-    state = jax.device_put(state, jax.devices()[0])
+    placement, batch_sharding = _placement(mesh, batch_size)
+    place = lambda tree: _put(tree, placement)
+    lead = jax.process_index() == 0  # the one process that writes files
+    # Committed like a restored state, so a fresh and a resumed run share one compile.
+    state = place(init_state(params, optimizer, key, objective_state, ema_decay=ema_decay))
+    data = place(data)  # every device can gather any batch; the batch itself is then split
     mgr = metrics_path = callback_dir = None
     history: list[dict] = []
     if workdir is not None:
@@ -540,24 +589,24 @@ def fit(
                 + "; ".join(f"step {s}: {why}" for s, why in skipped)
                 + ". Nothing was changed; move the checkpoints away (or use a new workdir) to start afresh.")
         if skipped:
-            aside = _set_aside(workdir / "checkpoints", skipped)
+            aside = _set_aside(workdir / "checkpoints", skipped) if lead else workdir / "checkpoints.damaged"
             for s, why in skipped:
                 warnings.warn(f"fit: checkpoint {workdir / 'checkpoints'}/{s} could not be restored ({why}); "
                               f"moved to {aside}/{s} and resuming from step {int(restored.step)}",
                               RuntimeWarning, stacklevel=2)
         if restored is not None:
             state = restored
-        history = _read_rows(metrics_path, int(state.step))
+        history = _read_rows(metrics_path, int(state.step), rewrite=lead)
         mgr = _manager(workdir / "checkpoints", keep)
 
     run_chunk = _make_chunk(loss_fn, optimizer, batch_size, min(log_every, checkpoint_every), stateful, has_aux,
-                            ema_decay)
+                            ema_decay, batch_sharding)
     step = int(state.step)
-    hooks = _Callbacks(callbacks, callback_dir, step)
+    hooks = _Callbacks(callbacks, callback_dir, step, write=lead)
     hooks.run(state, steps)  # a callback added on resuming, or one whose result the kill lost
     last_saved = step if mgr is not None and mgr.latest_step() is not None else None
     start_state = state  # where a rollback goes when no checkpoint was saved yet
-    bar = tqdm(total=steps, initial=min(step, steps), disable=not progress, desc="fit", unit="step")
+    bar = tqdm(total=steps, initial=min(step, steps), disable=not (progress and lead), desc="fit", unit="step")
     try:
         while step < steps:
             t0 = time.perf_counter()
@@ -567,10 +616,10 @@ def fit(
             new_step = int(new_state.step)
             if bool(halted) and rollbacks > 0:
                 rollbacks -= 1
-                state, step = _roll_back(state, start_state, mgr, last_saved, new_step + 1)
+                state, step = _roll_back(state, start_state, mgr, last_saved, new_step + 1, place)
                 history = [row for row in history if row["step"] <= step]
                 if metrics_path is not None:
-                    _read_rows(metrics_path, step)
+                    _read_rows(metrics_path, step, rewrite=lead)
                 hooks.truncate(step)
                 bar.reset(total=steps)
                 bar.update(step)
@@ -592,7 +641,7 @@ def fit(
             state = new_state
             row = _chunk_row(new_step, metrics, taken, time.perf_counter() - t0)
             history.append(row)
-            if metrics_path is not None:
+            if metrics_path is not None and lead:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             _kill_hook(new_step, "before_save")
