@@ -18,24 +18,22 @@ products; J_DSM needs neither, but learns the score of the noised p_σ = p * N(0
 Convention: DSM's target is -ε/σ² with ε = σ u, u ~ N(0, I). Its variance grows
 like 1/σ² as σ -> 0 (the cross term u·s(x)/σ has mean zero but does not vanish).
 
-Maximum likelihood for an energy-based model q_θ = exp(-f_θ) / Z_θ needs no score
-matching but samples of q_θ: the gradient of the mean negative log-likelihood is
-
-    ∇_θ E_data[-log q_θ(x)] = E_data[∇_θ f_θ(x)] - E_{q_θ}[∇_θ f_θ(x)],
-
-the second term from Langevin chains: short runs started at the data (contrastive
-divergence) or persistent chains kept in a replay buffer between steps.
+ISM has two forms: `ism(s, xs)` for a score network, and `ism_energy(f, xs)` for an
+energy model q ∝ exp(-f), s = -∇f, whose exact trace is cheap: one second-order
+forward jet of f gives s and tr ∂s/∂x = -Δf together (3-7x faster than "jacfwd").
+`score_matching_identities` measures both identities above on a model, with standard
+errors. EBM maximum likelihood (contrastive divergence) lives in `jsm.ebm`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jsm import _validate, samplers
-from jsm.scores import batch_value_and_divergence, score_of
+from jsm import _validate
+from jsm.scores import batch_score_and_divergence_of_energy, batch_value_and_divergence
 
 Array = jax.Array
 ScoreFn = Callable[[Array], Array]
@@ -78,13 +76,14 @@ def ism_per_example(score_fn: ScoreFn, x: Array, method: str = "auto") -> Array:
 
 
 def ism(score_fn: ScoreFn, xs: Array, method: str = "auto") -> Array:
-    """Implicit score matching (Hyvärinen 2005): E_p [1/2 |s(x)|² + tr(∂s/∂x)].
+    """Implicit score matching (Hyvärinen 2005) of a score network: E_p [1/2 |s(x)|² + tr(∂s/∂x)].
 
-    The trace is exact (`method` in `jsm.scores.METHODS`), never estimated. "auto"
-    takes the forward Laplacian with the batch folded into its matrix products; pass
-    `score_of(f)` for an energy model, so that s and tr ∂s/∂x = -Δf come from one
-    forward pass of f. On a finite data set a flexible s can drive this to -∞ by
-    spiking the divergence at the data points: regularise, or prefer `dsm`.
+    The trace is exact (`method` in `jsm.scores.METHODS`), never estimated; "auto" takes
+    a first-order forward jet of s with the batch folded into its matrix products. For
+    an energy model q ∝ exp(-f) call `ism_energy(f, xs)` instead: the same loss, several
+    times cheaper (passing `score_of(f)` here differentiates -∇f's graph). On a finite data
+    set a flexible s can drive this to -∞ by spiking the divergence at the data points:
+    regularise, or prefer `dsm`.
 
     Args:
       score_fn: s, (d,) -> (d,).
@@ -93,6 +92,31 @@ def ism(score_fn: ScoreFn, xs: Array, method: str = "auto") -> Array:
     """
     xs = _validate.batch("xs", xs)
     s, div = batch_value_and_divergence(score_fn, method)(xs)
+    return jnp.mean(0.5 * jnp.sum(s * s, axis=-1) + div)
+
+
+def ism_energy_per_example(energy_fn: EnergyFn, x: Array, method: str = "auto") -> Array:
+    """1/2 |∇f(x)|² - Δf(x) for one x of shape (d,): ISM's term for s = -∇f, the Laplacian exact."""
+    s, div = batch_score_and_divergence_of_energy(energy_fn, method)(x[None])
+    return 0.5 * jnp.dot(s[0], s[0]) + div[0]
+
+
+def ism_energy(energy_fn: EnergyFn, xs: Array, method: str = "auto") -> Array:
+    """Implicit score matching of an energy model q ∝ exp(-f): E_p [1/2 |∇f(x)|² - Δf(x)].
+
+    J_ISM for the score s = -∇f, whose divergence is tr ∂s/∂x = -Δf. With "auto" ONE
+    second-order forward jet of f gives ∇f and Δf together, never building the
+    gradient's graph: 3-7x faster than "jacfwd", while `ism(score_of(f), xs)` (a first-order
+    jet of -∇f's graph) costs about as much as "jacfwd" (experiments/bench/trace_cost.py,
+    rows "forward", "jacfwd", "score_of"). "jacfwd" and "jacrev" are the references.
+
+    Args:
+      energy_fn: f, (d,) -> ().
+      xs: (n, d) samples of p.
+      method: how the exact Laplacian is computed (`jsm.scores.METHODS`).
+    """
+    xs = _validate.batch("xs", xs)
+    s, div = batch_score_and_divergence_of_energy(energy_fn, method)(xs)
     return jnp.mean(0.5 * jnp.sum(s * s, axis=-1) + div)
 
 
@@ -212,84 +236,104 @@ def ssm(score_fn: ScoreFn, key: Array, xs: Array, n_projections: int = 1) -> Arr
     return _batch_mean(lambda x, vi: ssm_per_example(score_fn, x, vi), xs, v)
 
 
-# --- maximum likelihood for energy-based models --------------------------------
+# --- the identities, measured on a model ------------------------------------------
 
 
-def ebm_surrogate(energy_fn: EnergyFn, data: Array, samples: Array, energy_penalty: float = 0.0):
-    """A loss whose θ-gradient is the negative log-likelihood gradient of q_θ = exp(-f_θ)/Z_θ.
+class Identities(NamedTuple):
+    """The score-matching identities measured on one model s, paired Monte Carlo.
 
-        L(θ) = E_data f_θ(x) - E_model f_θ(x̃) + α (E_data f_θ(x)² + E_model f_θ(x̃)²),
+    Every field is a scalar. Per example x_i ~ p and ε_i ~ N(0, σ² I), the terms of
+    each identity are evaluated at the same points, so their gaps have small errors:
 
-    with x̃ = stop_gradient(samples) ~ q_θ, so ∇_θ L = E_data ∇_θ f - E_model ∇_θ f (+ the
-    penalty's gradient). L's VALUE is not the likelihood (Z_θ is unknown); the penalty α keeps
-    the energies near zero so that they cannot drift to ±∞ (Du & Mordatch 2019).
+      esm, ism, c          J_ESM(s), J_ISM(s), C = 1/2 E_p |∇log p|²
+      se                   standard error of gap = esm - (ism + c), from the per-example
+                           differences (mean 0 when the identity holds)
+      esm_noised, dsm, c_noised
+                           J_ESM(s; p_σ) (at y = x + ε ~ p_σ), J_DSM(s),
+                           C' = 1/2 E_{p_σ} |∇log p_σ|² - d/(2σ²)
+      se_noised            standard error of gap_noised = esm_noised - (dsm + c_noised)
+    """
+
+    esm: Array
+    ism: Array
+    c: Array
+    se: Array
+    esm_noised: Array
+    dsm: Array
+    c_noised: Array
+    se_noised: Array
+
+    @property
+    def ism_plus_c(self) -> Array:
+        return self.ism + self.c
+
+    @property
+    def dsm_plus_c(self) -> Array:
+        return self.dsm + self.c_noised
+
+    @property
+    def gap(self) -> Array:
+        """J_ESM - (J_ISM + C): zero up to Monte Carlo error, `se`."""
+        return self.esm - self.ism_plus_c
+
+    @property
+    def gap_noised(self) -> Array:
+        """J_ESM(p_σ) - (J_DSM + C'): zero up to Monte Carlo error, `se_noised`."""
+        return self.esm_noised - self.dsm_plus_c
+
+
+def _mean_and_se(terms: Array) -> tuple[Array, Array]:
+    n = terms.shape[0]
+    return jnp.mean(terms), jnp.std(terms, ddof=1) / jnp.sqrt(n)
+
+
+def score_matching_identities(
+    score_fn: ScoreFn, true_score_fn: ScoreFn, noised_score_fn: ScoreFn, key: Array, xs: Array,
+    sigma: float, method: str = "auto",
+) -> Identities:
+    """Measure J_ESM = J_ISM + C and J_ESM(s; p_σ) = J_DSM + C' on a model s.
+
+        J_ESM(s) = 1/2 E_p |s - ∇log p|²,       J_ISM(s) = E_p [1/2 |s|² + tr ∂s/∂x],
+        C = 1/2 E_p |∇log p|²,
+        J_ESM(s; p_σ) = 1/2 E_{p_σ} |s - ∇log p_σ|²,   J_DSM(s) = 1/2 E |s(x + ε) + ε/σ²|²,
+        C' = 1/2 E_{p_σ} |∇log p_σ|² - d/(2σ²),        p_σ = p * N(0, σ² I),
+
+    all estimated on the same samples: x_i the rows of xs, ε_i = σ · normal(key, xs.shape)
+    (the draw `dsm(score_fn, key, xs, sigma)` makes), y_i = x_i + ε_i. The standard errors
+    are those of the paired per-example differences, so a wrong constant, a wrong trace
+    or a wrong DSM target shows as a gap of many standard errors.
+
+    Args:
+      score_fn: s, (d,) -> (d,), the model.
+      true_score_fn: ∇log p, (d,) -> (d,) (e.g. `target.score`).
+      noised_score_fn: ∇log p_σ, (d,) -> (d,) (e.g. `target.noised(sigma).score`).
+      key: PRNG key for the noise ε.
+      xs: (n, d) samples of p, n >= 2.
+      sigma: the noise scale σ > 0.
+      method: how ISM's exact trace is computed (`jsm.scores.METHODS`).
 
     Returns:
-      (loss, aux) with aux the mean energies of data and samples, their gap and the penalty.
+      `Identities`: the measured terms, `.gap` / `.gap_noised` and their errors `.se` / `.se_noised`.
     """
-    samples = jax.lax.stop_gradient(samples)
-    f_data, f_model = jax.vmap(energy_fn)(data), jax.vmap(energy_fn)(samples)
-    penalty = energy_penalty * (jnp.mean(f_data**2) + jnp.mean(f_model**2))
-    gap = jnp.mean(f_data) - jnp.mean(f_model)
-    aux = {"energy_data": jnp.mean(f_data), "energy_model": jnp.mean(f_model), "energy_gap": gap, "penalty": penalty}
-    return gap + penalty, aux
-
-
-def langevin_samples(energy_fn: EnergyFn, key: Array, x0: Array, n_steps: int, step_size: float) -> Array:
-    """x0 (n, d) moved by `n_steps` ULA steps on q ∝ exp(-f), stopped from the gradient."""
-    score = score_of(lambda x: jax.lax.stop_gradient(energy_fn(x)))
-    final, _, _ = samplers.run_chains(samplers.ula(score, step_size), key, jax.lax.stop_gradient(x0), n_steps)
-    return jax.lax.stop_gradient(final.position)
-
-
-def contrastive_divergence(
-    energy_fn: EnergyFn, key: Array, data: Array, n_steps: int = 20, step_size: float = 1e-2,
-    energy_penalty: float = 0.0,
-):
-    """Short-run contrastive divergence (Hinton 2002): model samples from `n_steps` ULA steps
-    started AT the data. Cheap, but the chains never leave the data's neighbourhood, so
-    low-energy regions far from the data are never seen and never corrected.
-
-    Returns:
-      (loss, aux) of `ebm_surrogate`.
-    """
-    data = _validate.batch("data", data)
-    samples = langevin_samples(energy_fn, key, data, n_steps, step_size)
-    return ebm_surrogate(energy_fn, data, samples, energy_penalty)
-
-
-def init_replay_buffer(key: Array, size: int, dim: int, lo: float = -4.0, hi: float = 4.0) -> Array:
-    """A replay buffer of `size` persistent chains, uniform on the box [lo, hi]^dim."""
-    size, dim = _validate.positive_int("size", size), _validate.positive_int("dim", dim)
-    return jax.random.uniform(key, (size, dim), minval=lo, maxval=hi)
-
-
-def persistent_cd(
-    energy_fn: EnergyFn, key: Array, data: Array, buffer: Array, n_steps: int = 20, step_size: float = 1e-2,
-    reinit_fraction: float = 0.05, energy_penalty: float = 0.0, lo: float = -4.0, hi: float = 4.0,
-):
-    """Persistent contrastive divergence with a replay buffer (Tieleman 2008; Du & Mordatch 2019).
-
-    Draws len(data) chains from the buffer, restarts a `reinit_fraction` of them from
-    uniform noise on [lo, hi]^d, runs `n_steps` ULA steps and writes them back. The
-    chains keep exploring across steps, so spurious low-energy regions get sampled and
-    pushed up.
-
-    Returns:
-      (loss, aux, new_buffer): a stateful objective for `jsm.fit(..., objective_state=buffer)`.
-    """
-    data = _validate.batch("data", data)
-    buffer = _validate.float_array("buffer", buffer, ndim=2)
-    if buffer.shape[1] != data.shape[1] or buffer.shape[0] < data.shape[0]:
-        raise ValueError(f"buffer must have shape (>= {data.shape[0]}, {data.shape[1]}), got {buffer.shape}")
-    if _validate.is_concrete(reinit_fraction) and not 0.0 <= reinit_fraction <= 1.0:
-        raise ValueError(f"reinit_fraction must be in [0, 1], got {reinit_fraction}")
-    k_idx, k_reinit, k_noise, k_chain = jax.random.split(key, 4)
-    n = data.shape[0]
-    idx = jax.random.choice(k_idx, buffer.shape[0], (n,), replace=False)
-    restart = jax.random.uniform(k_reinit, (n, 1)) < reinit_fraction
-    noise = jax.random.uniform(k_noise, (n, data.shape[1]), minval=lo, maxval=hi, dtype=buffer.dtype)
-    x0 = jnp.where(restart, noise, buffer[idx])
-    samples = langevin_samples(energy_fn, k_chain, x0, n_steps, step_size)
-    loss, aux = ebm_surrogate(energy_fn, data, samples, energy_penalty)
-    return loss, aux, buffer.at[idx].set(samples)
+    xs = _validate.batch("xs", xs)
+    if xs.shape[0] < 2:
+        raise ValueError(f"xs must hold at least 2 examples for a standard error, got shape {tuple(xs.shape)}")
+    _validate.key("key", key)
+    _validate.positive("sigma", sigma)
+    d = xs.shape[1]
+    eps = sigma * jax.random.normal(key, xs.shape, xs.dtype)
+    s, div = batch_value_and_divergence(score_fn, method)(xs)
+    true_s = jax.vmap(true_score_fn)(xs)
+    esm_i = 0.5 * jnp.sum((s - true_s) ** 2, axis=-1)
+    ism_i = 0.5 * jnp.sum(s * s, axis=-1) + div
+    c_i = 0.5 * jnp.sum(true_s * true_s, axis=-1)
+    ys = xs + eps
+    noised_s = jax.vmap(noised_score_fn)(ys)
+    esm_noised_i = 0.5 * jnp.sum((jax.vmap(score_fn)(ys) - noised_s) ** 2, axis=-1)
+    dsm_i = jax.vmap(lambda x, e: dsm_per_example(score_fn, x, e, sigma))(xs, eps)
+    c_noised_i = 0.5 * jnp.sum(noised_s * noised_s, axis=-1) - d / (2 * sigma**2)
+    _, se = _mean_and_se(esm_i - ism_i - c_i)
+    _, se_noised = _mean_and_se(esm_noised_i - dsm_i - c_noised_i)
+    mean = jnp.mean
+    return Identities(mean(esm_i), mean(ism_i), mean(c_i), se,
+                      mean(esm_noised_i), mean(dsm_i), mean(c_noised_i), se_noised)

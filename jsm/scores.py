@@ -6,21 +6,26 @@ tr(∂s/∂x) of a vector field, or the Laplacian Δf = tr(∇²f) of an energy,
 exactly. Every function here acts on ONE example x of shape (d,); batch with
 `jax.vmap`.
 
-Exact methods (`EXACT_METHODS`):
+Exact methods (`EXACT_METHODS`); every exact function takes `method="auto"` by default:
   "forward" the forward Laplacian (`jsm.forward`): value, Jacobian and Laplacian pushed
-            through the function in one pass. For a Laplacian (or the divergence of a
-            score made by `score_of`) it never builds the gradient's graph: about half
-            the work of "jacfwd". Works on any JAX function.
+            through the function in one pass. For a Laplacian (`laplacian`, and
+            `batch_score_and_divergence_of_energy`) it never builds the gradient's graph:
+            about half the work of "jacfwd". Works on any JAX function.
   "jacfwd"  the reference: the full d x d Jacobian by forward mode, then its trace.
   "jacrev"  the same Jacobian by reverse mode (d VJPs); cheaper when a pass is
             dominated by a wide first layer.
   "auto"    the fastest, as measured by experiments/bench/trace_cost.py (batch 256,
-            3 x 128 MLPs, d = 2 to 512): "forward". For Laplacians and scores made by
-            `score_of` it is 3-7x faster than "jacfwd"; for other vector fields all three
+            3 x 128 MLPs, d = 2 to 512): "forward". For Laplacians of an energy it is
+            3-7x faster than "jacfwd"; for the divergence of a vector field all three
             cost d JVPs and stay within about 25% of each other, in no stable order.
-Batched work should go through `batch_value_and_divergence`, which also folds the
-batch into the forward Laplacian's matrix products (one (n·d, in) x (in, out) product
-per layer instead of n products).
+
+An energy model and a score network are two different calls, because only the energy
+gives the cheap route: for s = -∇f, one second-order forward jet of f yields s and
+tr ∂s/∂x = -Δf together. `batch_score_and_divergence_of_energy(f)` takes that route;
+`batch_value_and_divergence(v)` treats v as an opaque vector field (a first-order jet),
+and so does it for `score_of(f)`, which is a plain function of x and nothing more.
+Batched work should go through these two, which also fold the batch into the forward
+Laplacian's matrix products (one (n·d, in) x (in, out) product per layer instead of n).
 Estimators are kept apart, under their own names, and are never a default:
 `hutchinson_divergence` is unbiased but noisy, with variance that grows with d.
 """
@@ -54,8 +59,9 @@ def _example(x: Array) -> None:
 def score_of(energy: EnergyFn) -> VectorFn:
     """s(x) = -∇f(x), the score of exp(-f(x)) / Z, for x of shape (d,).
 
-    The returned function remembers its energy (`s.energy`), so that exact traces of
-    it take the forward Laplacian of f instead of differentiating -∇f's own graph.
+    A plain function of x: an exact trace of it differentiates -∇f's own graph. For
+    s and tr ∂s/∂x = -Δf from one forward pass of f, call
+    `batch_score_and_divergence_of_energy(f)` (or `jsm.objectives.ism_energy(f, xs)`).
     """
     grad_f = jax.grad(energy)
 
@@ -63,7 +69,6 @@ def score_of(energy: EnergyFn) -> VectorFn:
         _example(x)
         return -grad_f(x)
 
-    score.energy = energy
     return score
 
 
@@ -73,26 +78,50 @@ def resolve_method(method: str) -> str:
     return "forward" if method == "auto" else method
 
 
+def _batch(xs: Array) -> None:
+    if jnp.ndim(xs) != 2:
+        raise ValueError(f"xs must be a batch of shape (n, d), got shape {jnp.shape(xs)}")
+
+
 def batch_value_and_divergence(vector_fn: VectorFn, method: str = "auto") -> Callable[[Array], tuple[Array, Array]]:
     """xs (n, d) -> (v(x_i) stacked (n, d), tr ∂v/∂x at every x_i (n,)), the trace exact.
 
-    v is a function of ONE example. With "forward", a score made by `score_of(f)` is
-    handled as -∇f: one second-order forward jet of f gives both s = -∇f and
-    tr ∂s/∂x = -Δf. Any other v gets a first-order forward jet (value and Jacobian).
+    v is a function of ONE example, treated as an opaque vector field: with "forward",
+    one first-order forward jet (value and Jacobian). For the score of an energy use
+    `batch_score_and_divergence_of_energy`, several times cheaper.
     """
     exact = resolve_method(method)
-    energy = getattr(vector_fn, "energy", None)
 
     def both(xs: Array) -> tuple[Array, Array]:
-        if jnp.ndim(xs) != 2:
-            raise ValueError(f"xs must be a batch of shape (n, d), got shape {jnp.shape(xs)}")
-        if exact == "forward" and energy is not None:
-            jet = forward_jet_batch(energy)(xs)
-            return -jet.jacobian, -jet.laplacian
+        _batch(xs)
         if exact == "forward":
             jet = forward_jet_batch(vector_fn, second_order=False)(xs)
             return jet.value, jnp.trace(jet.jacobian, axis1=1, axis2=2)
         return jax.vmap(vector_fn)(xs), jax.vmap(_jacobian_trace(vector_fn, exact))(xs)
+
+    return both
+
+
+def batch_score_and_divergence_of_energy(
+    energy_fn: EnergyFn, method: str = "auto"
+) -> Callable[[Array], tuple[Array, Array]]:
+    """xs (n, d) -> (s(x_i) = -∇f(x_i) stacked (n, d), tr ∂s/∂x = -Δf(x_i) (n,)), the trace exact.
+
+    The score of q ∝ exp(-f) and its divergence, for an energy f: (d,) -> (). With
+    "forward" ("auto"), ONE second-order forward jet of f gives ∇f and Δf together,
+    without building the gradient's graph. Equal to
+    `batch_value_and_divergence(score_of(f), method)`, which differentiates -∇f instead.
+    """
+    exact = resolve_method(method)
+    grad_f = jax.grad(energy_fn)
+    lap = None if exact == "forward" else laplacian(energy_fn, exact)
+
+    def both(xs: Array) -> tuple[Array, Array]:
+        _batch(xs)
+        if exact == "forward":
+            jet = forward_jet_batch(energy_fn)(xs)
+            return -jet.jacobian, -jet.laplacian
+        return -jax.vmap(grad_f)(xs), -jax.vmap(lap)(xs)
 
     return both
 
@@ -103,7 +132,7 @@ def _jacobian_trace(vector_fn: VectorFn, method: str) -> Callable[[Array], Array
     return lambda x: jnp.trace(jacobian(x))
 
 
-def divergence(vector_fn: VectorFn, method: str = "jacfwd") -> Callable[[Array], Array]:
+def divergence(vector_fn: VectorFn, method: str = "auto") -> Callable[[Array], Array]:
     """x -> tr(∂v/∂x) = Σ_i ∂v_i/∂x_i, exactly.
 
     Args:
@@ -123,10 +152,17 @@ def divergence(vector_fn: VectorFn, method: str = "jacfwd") -> Callable[[Array],
     return div
 
 
-def laplacian(energy: EnergyFn, method: str = "jacfwd") -> Callable[[Array], Array]:
+def laplacian(energy: EnergyFn, method: str = "auto") -> Callable[[Array], Array]:
     """x -> Δf(x) = Σ_i ∂²f/∂x_i², exactly: the divergence of ∇f.
 
     Note tr(∂s/∂x) = -Δf for the score s = -∇f.
+
+    Args:
+      energy: f, a map (d,) -> ().
+      method: one of `EXACT_METHODS` or "auto" (the forward Laplacian).
+
+    Returns:
+      A function of x with shape (d,) returning a scalar.
     """
     if resolve_method(method) == "forward":
         jet = forward_jet(energy)
@@ -142,11 +178,17 @@ def laplacian(energy: EnergyFn, method: str = "jacfwd") -> Callable[[Array], Arr
 def hutchinson_divergence(
     vector_fn: VectorFn, n_probes: int = 1, probe: str = "rademacher"
 ) -> Callable[[Array, Array], Array]:
-    """An ESTIMATOR of tr(∂v/∂x): (x, key) -> mean_j u_j^T (∂v/∂x) u_j, E[u u^T] = I.
+    """An ESTIMATOR of tr(∂v/∂x): (x, key) -> mean_j u_j^T J u_j, J = ∂v/∂x, E[u u^T] = I.
 
-    Unbiased; its variance is 2 Σ_{i≠j} J_ij² / n_probes for Rademacher probes
-    (plus 2 Σ_i J_ii² for Gaussian ones). Each probe costs one JVP. For comparison
-    with the exact methods only.
+    Unbiased. Per probe, u^T J u = Σ_i J_ii u_i² + Σ_{i<j} (J_ij + J_ji) u_i u_j, and the
+    products u_i u_j (i < j) are uncorrelated with unit variance, so
+
+      Rademacher (u_i² = 1):  Var = 1/2 Σ_{i≠j} (J_ij + J_ji)²,
+      Gaussian:               Var = 1/2 Σ_{i≠j} (J_ij + J_ji)² + 2 Σ_i J_ii²   (= 2 |sym J|_F²),
+
+    divided by `n_probes` for the mean. J need not be symmetric (a score network's is
+    not); for a symmetric J (the score of an energy) the first reads 2 Σ_{i≠j} J_ij².
+    Each probe costs one JVP. For comparison with the exact methods only.
     """
     n_probes = _validate.positive_int("n_probes", n_probes)
     _validate.choice("probe", probe, PROBES)

@@ -1,5 +1,6 @@
 """The forward Laplacian against the jacfwd reference, on networks, targets and arbitrary JAX code."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +32,11 @@ def mlp_energy(d=5):
     return apply, in_default_float(params)
 
 
-# Functions that exercise every rule of the interpreter: affine ops, elementwise ops (and the
-# custom_jvp softplus/relu), products of two x-dependent factors, calls (jit, checkpoint,
-# custom_vjp), loops, sorts and gathers (the generic rule), integer and boolean intermediates.
+# The rule table, one entry per class of primitive: every entry is checked (value, Jacobian, Laplacian)
+# against jacfwd(jacrev). Affine ops (add, reshape, broadcast, slicing, concatenate, gather, scatter,
+# pad, cumsum, select_n's branches, dot_general/mul/conv with one x-dependent operand), elementwise ops
+# (their φ' and φ''), products of two x-dependent operands, div with x in the denominator (NOT bilinear:
+# 1/b is elementwise in b), calls (jit, checkpoint, custom_vjp, custom_jvp), loops and the generic rule.
 @jax.custom_vjp
 def _sin(x):
     return jnp.sin(x)
@@ -41,27 +44,64 @@ def _sin(x):
 
 _sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
 
+
+@jax.custom_jvp
+def _softnorm(x):
+    """sqrt(1 + |x|²) with a hand-written JVP: a custom_jvp that is not elementwise."""
+    return jnp.sqrt(1 + jnp.sum(x * x))
+
+
+_softnorm.defjvp(lambda primals, tangents: (_softnorm(primals[0]), primals[0] @ tangents[0] / _softnorm(primals[0])))
+
+W = jnp.array([[0.5, -1.0, 0.3, 0.0, 0.2], [0.1, 0.4, -0.7, 1.2, 0.0], [-0.3, 0.2, 0.1, 0.5, 0.9]])
+
 FUNCTIONS = {
-    "logsumexp_products": lambda x: jax.nn.logsumexp(x) + jnp.sum(x * x) + (x @ x) * jnp.sin(x[0]),
-    "sort_prod_norm": lambda x: jnp.sum(jnp.sort(x) ** 3) + jnp.prod(x) + jnp.linalg.norm(x),
+    # x in a denominator: div(const, x-dependent) and div(x-dependent, x-dependent)
+    "denominator": lambda x: 1 / (1 + x @ x) + jnp.sum(x / (1 + x**2)) + x[0] ** 2 / (1 + x[1] ** 2),
+    "pow": lambda x: jnp.sum(jnp.abs(x) ** 2.5) + jnp.sum((1.5 + x**2) ** x) + jnp.sum(2.0 ** x),
+    "integer_pow": lambda x: jnp.sum(x**3) + jnp.sum((2 + x**2) ** -2) + jnp.sum(jnp.square(x)),
+    "max_min_clamp": lambda x: jnp.sum(jnp.maximum(x, 0.5 * x**2) + jnp.minimum(x**3, -x) + jnp.clip(x**2, 0.1, 0.5)),
+    "select_n": lambda x: jnp.sum(jnp.where(x > 0, jnp.sin(x) * x, x**2)) + jnp.where(x[0] > x[1], x[2] ** 3, -x[3]),
+    "transcendental": lambda x: jnp.sum(jnp.exp(x) + jnp.log(2 + x**2) + jnp.tanh(x) + jnp.sin(x) * jnp.cos(x)
+                                        + jnp.log1p(x**2) + jnp.expm1(x) + jnp.sqrt(1 + x**2) + jax.lax.rsqrt(1 + x**2)
+                                        + jax.scipy.special.erf(x) + jnp.arctan2(x, 2 + x**2) + jax.nn.sigmoid(x)),
+    "dot_general": lambda x: x @ W.T @ W @ x + (W @ x) @ (W @ jnp.sin(x)) + jnp.einsum("i,ij,j", x, jnp.outer(x, x), x),
+    "reductions": lambda x: jnp.sum(x) * jnp.mean(x**2) + jnp.prod(1 + x**2) + jnp.max(x**2) + jnp.min(jnp.sin(x))
+                            + jax.nn.logsumexp(x) + jnp.linalg.norm(x),
+    "broadcasting": lambda x: jnp.sum(jnp.tanh(x[:, None] * x[None, :] + W.T[:, :1])) + jnp.sum((x[:, None] - x[None, :]) ** 2),
+    "concat_slicing": lambda x: jnp.sum(jnp.concatenate([x[:2], x[::-1] ** 2, jnp.sin(x[1:4])]) ** 3)
+                                + jnp.sum(x.at[0].set(x[1] ** 2) ** 2) + jnp.sum(x[jnp.array([2, 0, 4])] ** 3)
+                                + jnp.sum(jnp.cumsum(x) ** 2) + jnp.sum(jnp.pad(x, 1) * jnp.arange(7.0) ** 2)
+                                + jnp.sum(jax.lax.dynamic_slice(x, (1,), (3,)) ** 3) + jnp.sum(x.reshape(5, 1).T ** 4),
     "fori_loop": lambda x: jax.lax.fori_loop(0, 3, lambda i, y: jnp.tanh(y) * 1.5, x).sum(),
-    "activations": lambda x: jnp.sum(jax.nn.relu(x) ** 2 + jax.nn.gelu(x) + jax.nn.silu(x) + jax.nn.softplus(x)),
-    "where_division": lambda x: x[0] ** 2 / (1 + x[1] ** 2) + jnp.where(x[2] > 0, x[2] ** 3, -x[2]),
+    "scan": lambda x: jax.lax.scan(lambda c, xi: (c * jnp.tanh(xi) + xi**2, c * xi), 1.0, x)[1].sum(),
+    "conv": lambda x: jnp.sum(jnp.convolve(x, jnp.array([0.5, -1.0, 2.0])) ** 2) + jnp.sum(jnp.convolve(x, x) ** 2),
+    "custom_jvp": lambda x: jnp.sum(jax.nn.relu(x) ** 2 + jax.nn.gelu(x) + jax.nn.silu(x) + jax.nn.softplus(x)) + _softnorm(x) ** 3,
+    "sort_prod_norm": lambda x: jnp.sum(jnp.sort(x) ** 3) + jnp.prod(x) + jnp.linalg.norm(x),
+    "products": lambda x: jax.nn.logsumexp(x) + jnp.sum(x * x) + (x @ x) * jnp.sin(x[0]),
     "calls": lambda x: jnp.sum(jax.jit(jnp.cosh)(x) * jax.checkpoint(jnp.tanh)(x)) + jnp.sum(_sin(x) ** 2),
     "vector_output": lambda x: jnp.tanh(jnp.outer(x, x[::-1]) @ x),
     "stop_gradient": lambda x: jnp.sum(x**3 * jax.lax.stop_gradient(x)),
 }
 
 
+@pytest.fixture(scope="module")
+def points():
+    """Three points, away from the kinks of max/min/clip/where and the sign changes of x."""
+    return jax.random.normal(jax.random.key(0), (3, 5)) + 0.1
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
-def test_forward_jet_matches_reference_on_jax_code(name):
+def test_forward_jet_matches_reference_on_jax_code(name, points):
+    """Every class of primitive against jacfwd(jacrev), on a batch of three (the folded affine rule)."""
     fn = FUNCTIONS[name]
-    x = jax.random.normal(jax.random.key(0), (5,)) + 0.1
-    jet = jax.jit(forward.forward_jet(fn))(x)
-    want = jax.jit(reference(fn))(x)
+    jet = jax.jit(forward.forward_jet_batch(fn))(points)
+    want = jax.jit(jax.vmap(reference(fn)))(points)
     if name == "stop_gradient":  # d/dx of x³·sg(x) treats sg(x) as a constant c: 6 c x summed
-        want = (want[0], 3 * x**2 * x, 6 * jnp.sum(x * x))
+        x = points
+        want = (want[0], 3 * x**2 * x, 6 * jnp.sum(x * x, axis=-1))
+    chex.assert_trees_all_equal_shapes(tuple(jet), tuple(want))
     for got, ref in zip(jet, want):
         np.testing.assert_allclose(got, ref, rtol=tol(2e-5, 1e-10), atol=tol(2e-5, 1e-10))
 
@@ -104,20 +144,34 @@ def test_parameter_gradient_of_the_laplacian_matches_jacfwd(key):
 
 @pytest.mark.numerics
 def test_ism_is_the_same_loss_and_gradient_for_every_method(key):
-    """ISM's default ("auto" = forward) against the jacfwd reference, for an energy's score
-    (made by score_of: the second-order jet of f) and for a score network (first-order jet)."""
+    """ISM's default ("auto" = forward) against the jacfwd reference, for an energy model
+    (`ism_energy`: the second-order jet of f) and for a score network (`ism`: first-order jet)."""
     apply, params = mlp_energy()
     s_apply, s_params = nets.pure(nets.MLPScore(5, (16, 16), rngs=nnx.Rngs(2)))
     s_params = in_default_float(s_params)
     xs = jax.random.normal(key, (8, 5))
-    for make, p in [(lambda p: jsm.score_of(lambda x: apply(p, x)), params),
-                    (lambda p: (lambda x: s_apply(p, x)), s_params)]:
-        loss = {m: jax.jit(jax.value_and_grad(lambda p: objectives.ism(make(p), xs, method=m)))(p)
-                for m in ("auto", "jacfwd", "jacrev")}
+    for loss_fn, p in [(lambda p, m: objectives.ism_energy(lambda x: apply(p, x), xs, method=m), params),
+                       (lambda p, m: objectives.ism(lambda x: s_apply(p, x), xs, method=m), s_params)]:
+        loss = {m: jax.jit(jax.value_and_grad(lambda p: loss_fn(p, m)))(p) for m in ("auto", "jacfwd", "jacrev")}
         for m in ("auto", "jacrev"):
             np.testing.assert_allclose(loss[m][0], loss["jacfwd"][0], rtol=tol(1e-5, 1e-11), atol=tol(1e-6, 1e-12))
             for a, b in zip(jax.tree.leaves(loss[m][1]), jax.tree.leaves(loss["jacfwd"][1])):
                 np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
+
+
+@pytest.mark.numerics
+def test_forward_laplacian_equals_folx(key):
+    """The peer implementation (Li et al.'s folx) on an MLP energy: the same ∇f and Δf up to round-off."""
+    folx = pytest.importorskip("folx")
+    apply, params = mlp_energy()
+    energy = lambda x: apply(params, x)
+    xs = jax.random.normal(key, (6, 5))
+    ours = jax.jit(forward.forward_jet_batch(energy))(xs)
+    theirs = jax.jit(jax.vmap(folx.forward_laplacian(energy)))(xs)
+    chex.assert_shape(ours.laplacian, (6,))
+    np.testing.assert_allclose(ours.value, theirs.x, rtol=tol(1e-6, 1e-12))
+    np.testing.assert_allclose(ours.jacobian, theirs.jacobian.dense_array, rtol=tol(1e-5, 1e-11), atol=tol(1e-6, 1e-12))
+    np.testing.assert_allclose(ours.laplacian, theirs.laplacian, rtol=tol(1e-5, 1e-11), atol=tol(1e-6, 1e-12))
 
 
 @pytest.mark.numerics

@@ -4,6 +4,9 @@ Tolerances are 5 standard errors of the Monte Carlo estimate (from the sample
 variance of the per-example terms) or the quadrature error of the grid.
 """
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +65,172 @@ def test_esm_and_ism_of_a_linear_score_match_closed_forms(gaussian2, key):
     # The batch forms are the means of the per-example forms.
     np.testing.assert_allclose(O.esm(s, gaussian2.score, xs), esm_i.mean(), rtol=tol(1e-5, 1e-12))
     np.testing.assert_allclose(O.ism(s, xs), ism_i.mean(), rtol=tol(1e-5, 1e-12))
+
+
+# --- ISM of an energy model: the explicit fast path ----------------------------------
+
+
+def logcosh_energy(W, c):
+    """f(x) = Σ_k log cosh(z_k), z = W x + c: ∇f = Wᵀ tanh z, Δf = Σ_k (1 - tanh² z_k) |W_k|²."""
+    return lambda x: jnp.sum(jnp.log(jnp.cosh(W @ x + c)))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("method", jsm.scores.METHODS)
+def test_ism_energy_is_ism_of_the_energys_score(gaussian2, method, key):
+    """E_p[1/2 |∇f|² - Δf] = J_ISM(-∇f), and for f = p's own energy it is -C = -1/2 tr Σ^{-1}
+    in expectation (J_ESM = 0), within 5 SE; the same value whatever wraps f (jit, partial, a lambda)."""
+    xs = gaussian2.sample(key, 20_000)
+    terms = jax.jit(jax.vmap(lambda x: O.ism_energy_per_example(gaussian2.energy, x, method)))(xs)
+    chex.assert_shape(terms, (20_000,))
+    mean, se = mean_and_se(terms)
+    assert abs(mean + 0.5 * float(jnp.trace(jnp.linalg.inv(gaussian2.cov)))) < 5 * se
+    np.testing.assert_allclose(O.ism_energy(gaussian2.energy, xs, method), terms.mean(), rtol=tol(1e-5, 1e-12))
+
+    W, c = jnp.array([[0.8, -0.4], [0.3, 1.1], [-0.5, 0.2]]), jnp.array([0.1, -0.2, 0.3])
+    f = logcosh_energy(W, c)
+    reference = float(O.ism(jsm.score_of(f), xs[:64], method="jacfwd"))
+    wrapped = {"plain": f, "jit": jax.jit(f), "lambda": lambda x: f(x),
+               "partial": functools.partial(lambda W, x: jnp.sum(jnp.log(jnp.cosh(W @ x + c))), W)}
+    for name, g in wrapped.items():
+        np.testing.assert_allclose(O.ism_energy(g, xs[:64], method), reference, rtol=tol(1e-5, 1e-11),
+                                   atol=tol(1e-6, 1e-12), err_msg=name)
+
+
+class PerExampleTermsAgainstSlowReferences(chex.TestCase):
+    """Each per-example term, jitted and not, against the formula written out in NumPy (float64).
+
+    s(x) = tanh(W x + c) on R^3 (∂s/∂x = diag(1 - tanh² z) W, not symmetric), p = N(0, I) (∇log p = -x),
+    and the energy f of `logcosh_energy`.
+    """
+
+    W = np.array([[0.8, -0.4, 0.1], [0.3, 1.1, -0.6], [-0.5, 0.2, 0.9]])
+    c = np.array([0.1, -0.2, 0.3])
+    x, eps = np.array([0.4, -0.3, 1.2]), np.array([0.2, 0.5, -0.1])
+    v = np.array([[1.0, -0.5, 0.3], [0.2, 0.7, -1.1]])
+    sigma = 0.7
+
+    def score(self, x):
+        return jnp.tanh(jnp.asarray(self.W, x.dtype) @ x + jnp.asarray(self.c, x.dtype))
+
+    def jac_ref(self, x):
+        t = np.tanh(self.W @ x + self.c)
+        return (1 - t**2)[:, None] * self.W, t
+
+    def assert_close(self, got, want):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol(1e-5, 1e-12), atol=tol(1e-6, 1e-12))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_esm(self):
+        got = self.variant(lambda x: O.esm_per_example(self.score, lambda y: -y, x))(jnp.asarray(self.x))
+        _, t = self.jac_ref(self.x)
+        self.assert_close(got, 0.5 * sum((t[i] + self.x[i]) ** 2 for i in range(3)))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_ism(self):
+        got = self.variant(lambda x: O.ism_per_example(self.score, x))(jnp.asarray(self.x))
+        jac, t = self.jac_ref(self.x)
+        self.assert_close(got, 0.5 * sum(t[i] ** 2 for i in range(3)) + sum(jac[i, i] for i in range(3)))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_ism_energy(self):
+        f = logcosh_energy(jnp.asarray(self.W), jnp.asarray(self.c))
+        got = self.variant(lambda x: O.ism_energy_per_example(f, x))(jnp.asarray(self.x))
+        t = np.tanh(self.W @ self.x + self.c)
+        grad = self.W.T @ t
+        lap = sum((1 - t[k] ** 2) * sum(self.W[k, j] ** 2 for j in range(3)) for k in range(3))
+        self.assert_close(got, 0.5 * grad @ grad - lap)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_dsm(self):
+        for vr in O.VARIANCE_REDUCTIONS:
+            got = self.variant(lambda x, e: O.dsm_per_example(self.score, x, e, self.sigma, vr))(
+                jnp.asarray(self.x), jnp.asarray(self.eps))
+            term = lambda e: 0.5 * sum((np.tanh(self.W @ (self.x + e) + self.c)[i] + e[i] / self.sigma**2) ** 2
+                                       for i in range(3))
+            want = {None: term(self.eps), "antithetic": 0.5 * (term(self.eps) + term(-self.eps)),
+                    "control_variate": term(self.eps) - self.eps @ np.tanh(self.W @ self.x + self.c) / self.sigma**2}[vr]
+            self.assert_close(got, want)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_ssm(self):
+        got = self.variant(lambda x, v: O.ssm_per_example(self.score, x, v))(jnp.asarray(self.x), jnp.asarray(self.v))
+        jac, t = self.jac_ref(self.x)
+        self.assert_close(got, 0.5 * t @ t + np.mean([vj @ jac @ vj for vj in self.v]))
+
+
+PerExampleTermsAgainstSlowReferences = pytest.mark.numerics(PerExampleTermsAgainstSlowReferences)
+
+
+# --- the identities, measured by `score_matching_identities` ----------------------------
+
+
+@pytest.mark.numerics
+def test_identities_of_a_linear_score_on_a_gaussian_match_closed_forms(gaussian2, key):
+    """p = N(m, Σ), s(x) = A x + b, P = Σ^{-1}, P_σ = (Σ + σ²I)^{-1}, B = A + P, B_σ = A + P_σ:
+
+        J_ESM = 1/2 [tr(B Σ Bᵀ) + |B m + b - P m|²],     J_ISM = 1/2 [tr(A Σ Aᵀ) + |A m + b|²] + tr A,
+        C = 1/2 tr P,   J_ESM(p_σ) = 1/2 [tr(B_σ Σ_σ B_σᵀ) + |B_σ m + b - P_σ m|²],
+        C' = 1/2 tr P_σ - d/(2σ²),   J_DSM = J_ESM(p_σ) - C'.
+
+    Every measured term within 5 SE of its closed form (SE from the per-example terms), the two gaps
+    within 5 of their own (paired) SEs, and the batch forms `esm`, `ism`, `dsm` equal to the fields.
+    """
+    A, b = jnp.array([[-0.5, 0.2], [0.1, -1.5]]), jnp.array([0.3, -0.4])
+    sigma, n = 1.0, 40_000
+    m, S = np.asarray(gaussian2.mean, np.float64), np.asarray(gaussian2.cov, np.float64)
+    An, bn = np.asarray(A, np.float64), np.asarray(b, np.float64)
+    P, S_s = np.linalg.inv(S), S + sigma**2 * np.eye(2)
+    P_s = np.linalg.inv(S_s)
+    B, B_s = An + P, An + P_s
+    c_noised = 0.5 * np.trace(P_s) - 2 / (2 * sigma**2)
+    esm_noised = 0.5 * (np.trace(B_s @ S_s @ B_s.T) + np.sum((B_s @ m + bn - P_s @ m) ** 2))
+    closed = {"esm": 0.5 * (np.trace(B @ S @ B.T) + np.sum((B @ m + bn - P @ m) ** 2)),
+              "ism": 0.5 * (np.trace(An @ S @ An.T) + np.sum((An @ m + bn) ** 2)) + np.trace(An),
+              "c": 0.5 * np.trace(P), "esm_noised": esm_noised, "c_noised": c_noised, "dsm": esm_noised - c_noised}
+
+    k_x, k_eps = jax.random.split(key)
+    xs = gaussian2.sample(k_x, n)
+    s = linear_score(A, b)
+    ids = O.score_matching_identities(s, gaussian2.score, gaussian2.noised(sigma).score, k_eps, xs, sigma)
+    chex.assert_shape(list(ids), [()] * len(ids))
+    eps = sigma * jax.random.normal(k_eps, xs.shape, xs.dtype)
+    ys = xs + eps
+    per_example = {
+        "esm": jax.vmap(lambda x: O.esm_per_example(s, gaussian2.score, x))(xs),
+        "ism": jax.vmap(lambda x: O.ism_per_example(s, x))(xs),
+        "c": 0.5 * jnp.sum(jax.vmap(gaussian2.score)(xs) ** 2, -1),
+        "esm_noised": jax.vmap(lambda y: O.esm_per_example(s, gaussian2.noised(sigma).score, y))(ys),
+        "c_noised": 0.5 * jnp.sum(jax.vmap(gaussian2.noised(sigma).score)(ys) ** 2, -1) - 2 / (2 * sigma**2),
+        "dsm": jax.vmap(lambda x, e: O.dsm_per_example(s, x, e, sigma))(xs, eps),
+    }
+    for name, exact in closed.items():
+        mean, se = mean_and_se(per_example[name])
+        np.testing.assert_allclose(getattr(ids, name), mean, rtol=tol(1e-4, 1e-10), err_msg=name)
+        assert abs(mean - exact) < 5 * se, (name, mean, exact, se)
+    for gap, se in ((ids.gap, ids.se), (ids.gap_noised, ids.se_noised)):
+        assert abs(float(gap)) < 5 * float(se) and 0 < float(se) < 0.05, (gap, se)
+    # The check rejects plausible wrong constants: C without its 1/2, C' without -d/(2σ²),
+    # C' from the clean p instead of p_σ. Each moves the gap by many standard errors.
+    wrong = {"C = E|∇log p|²": (ids.gap, ids.se, closed["c"]),
+             "C' = 1/2 E|∇log p_σ|²": (ids.gap_noised, ids.se_noised, -2 / (2 * sigma**2)),
+             "C' = 1/2 E|∇log p|² - d/(2σ²)": (ids.gap_noised, ids.se_noised, closed["c"] - 0.5 * np.trace(P_s))}
+    for name, (gap, se, shift) in wrong.items():
+        assert abs(float(gap) - shift) > 10 * float(se), name
+    np.testing.assert_allclose(ids.dsm, O.dsm(s, k_eps, xs, sigma), rtol=tol(1e-5, 1e-12))
+    np.testing.assert_allclose(ids.ism, O.ism(s, xs), rtol=tol(1e-5, 1e-12))
+    np.testing.assert_allclose(ids.esm, O.esm(s, gaussian2.score, xs), rtol=tol(1e-5, 1e-12))
+
+
+@pytest.mark.numerics
+def test_identities_hold_for_a_network(mixture2, mlp_scores, key):
+    """Any s satisfies both identities: a score network far from the truth, on a mixture."""
+    sigma, n = 0.5, 20_000
+    k_x, k_eps = jax.random.split(key)
+    xs = mixture2.sample(k_x, n)
+    ids = O.score_matching_identities(mlp_scores[0], mixture2.score, mixture2.noised(sigma).score, k_eps, xs, sigma)
+    assert float(ids.esm) > 1.0  # far from the truth: the identity is not 0 = 0
+    assert abs(float(ids.gap)) < 5 * float(ids.se) and abs(float(ids.gap_noised)) < 5 * float(ids.se_noised), ids
 
 
 @pytest.mark.numerics
@@ -123,20 +292,39 @@ def test_dsm_draws_its_noise_as_documented(mlp_scores, mixture2, key):
     np.testing.assert_allclose(O.dsm(s, key, xs, sigma), manual, rtol=tol(1e-6, 1e-12))
 
 
+def unflatten_linear(theta):
+    """θ (6,) -> the linear score x -> A x + b on R^2, A = θ[:4] as 2 x 2, b = θ[4:]."""
+    return linear_score(theta[:4].reshape(2, 2), theta[4:])
+
+
 @pytest.mark.numerics
-def test_dsm_is_minimised_by_the_noised_score(gaussian2, key):
-    """For Gaussian data the noised score -(Σ + σ²I)^{-1}(x - m) is linear, and DSM's minimiser."""
-    sigma = 0.5
-    xs = gaussian2.sample(key, 20_000)
-    noised = gaussian2.noised(sigma).score
-    eps = sigma * jax.random.normal(key, xs.shape)
-    base = jax.vmap(lambda x, e: O.dsm_per_example(noised, x, e, sigma))(xs, eps)
-    for delta in (0.2, -0.2):
-        perturbed = lambda x: noised(x) + delta
-        excess = jax.vmap(lambda x, e: O.dsm_per_example(perturbed, x, e, sigma))(xs, eps) - base
-        # Its expectation is the Fisher divergence to p_σ, |δ 1|² / 2 = δ² in d = 2.
-        mean, se = mean_and_se(excess)
-        assert abs(mean - delta**2) < 5 * se and se < 0.2 * delta**2
+@pytest.mark.parametrize("variance_reduction", O.VARIANCE_REDUCTIONS)
+def test_dsm_is_minimised_by_the_noised_score(gaussian2, variance_reduction, key):
+    """Over linear scores s(y) = A y + b, DSM's minimiser on Gaussian data N(m, Σ) is the noised
+    score -(Σ + σ²I)^{-1}(y - m): A* = -(Σ + σ²I)^{-1}, b* = (Σ + σ²I)^{-1} m.
+
+    DSM is quadratic in θ = (A, b), so its sample minimiser is one Newton step θ* = -H^{-1} ∇L(0).
+    Its standard error is the M-estimator's sandwich sqrt(diag(H^{-1} Cov(∇ℓ_i) H^{-1}) / n), ∇ℓ_i the
+    per-example gradients at θ*. Data and noise come from independent keys.
+    """
+    sigma, n = 0.5, 20_000
+    k_x, k_eps = jax.random.split(key)
+    xs = gaussian2.sample(k_x, n)
+    loss = lambda theta: O.dsm(unflatten_linear(theta), k_eps, xs, sigma, variance_reduction)
+    zero = jnp.zeros(6, xs.dtype)
+    hess, grad = jax.jit(jax.hessian(loss))(zero), jax.jit(jax.grad(loss))(zero)
+    theta = -jnp.linalg.solve(hess, grad)
+    eps = sigma * jax.random.normal(k_eps, xs.shape, xs.dtype)  # the noise `dsm` draws
+    per_example = lambda x, e: jax.grad(
+        lambda t: O.dsm_per_example(unflatten_linear(t), x, e, sigma, variance_reduction))(theta)
+    g = np.asarray(jax.jit(jax.vmap(per_example))(xs, eps), np.float64)
+    h_inv = np.linalg.inv(np.asarray(hess, np.float64))
+    se = np.sqrt(np.diag(h_inv @ np.cov(g.T) @ h_inv) / n)
+    p_sigma = np.linalg.inv(np.asarray(gaussian2.cov, np.float64) + sigma**2 * np.eye(2))
+    want = np.concatenate([-p_sigma.ravel(), p_sigma @ np.asarray(gaussian2.mean, np.float64)])
+    # Precise enough to tell the noised score from the clean one: Σ^{-1} m - (Σ + σ²I)^{-1} m = (0.36, -0.17).
+    assert np.all(se < 0.025), se
+    np.testing.assert_array_less(np.abs(np.asarray(theta, np.float64) - want), 5 * se)
 
 
 @pytest.mark.numerics
@@ -200,7 +388,6 @@ def test_ism_overfits_a_small_data_set_and_dsm_cannot(key):
     )(xs, eps)
     mean, se = mean_and_se(excess)
     assert mean > -5 * se  # J_DSM(s) - J_DSM(s*) = J_ESM(s; p̂_σ) >= 0
-    assert dsm.history[-1]["loss"] > 0
 
 
 # --- bad input -------------------------------------------------------------------
@@ -213,6 +400,11 @@ def test_ism_overfits_a_small_data_set_and_dsm_cannot(key):
         (lambda s, k: O.ism(s, jnp.zeros((0, 2))), ValueError, "xs must hold at least one example"),
         (lambda s, k: O.ism(s, jnp.array([[0.0, jnp.nan]])), ValueError, "xs must be finite, got 1 non-finite"),
         (lambda s, k: O.ism(s, jnp.zeros((3, 2)), method="hutch"), ValueError, "method must be one of"),
+        (lambda s, k: O.ism_energy(jnp.sum, jnp.zeros((3, 2)), method="hutch"), ValueError, "method must be one of"),
+        (lambda s, k: O.ism_energy(jnp.sum, jnp.zeros(2)), ValueError, r"xs must have shape \(n, d\), got shape \(2,\)"),
+        (lambda s, k: O.score_matching_identities(s, s, s, k, jnp.zeros((1, 2)), 0.5), ValueError,
+         r"xs must hold at least 2 examples for a standard error, got shape \(1, 2\)"),
+        (lambda s, k: O.score_matching_identities(s, s, s, k, jnp.zeros((3, 2)), 0.0), ValueError, "sigma must be positive"),
         (lambda s, k: O.dsm(s, k, jnp.zeros((3, 2)), 0.0), ValueError, "sigma must be positive"),
         (lambda s, k: O.dsm(s, k, jnp.zeros((3, 2)), -1.0), ValueError, "sigma must be positive"),
         (lambda s, k: O.dsm(s, 0, jnp.zeros((3, 2)), 1.0), TypeError, "key must be a PRNG key"),
