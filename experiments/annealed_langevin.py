@@ -30,6 +30,8 @@ from flax import nnx
 import jsm
 from jsm import nets, objectives, plot, runs, samplers, targets
 
+import common
+
 BOX = ((-8.0, -8.0), (8.0, 8.0))
 
 
@@ -68,7 +70,7 @@ def heavy_fraction(xs: jax.Array) -> float:
 
 
 def sigmas(config: Config) -> jax.Array:
-    return jnp.geomspace(config.sigma_max, config.sigma_min, config.n_levels)
+    return common.geometric_sigmas(config.sigma_max, config.sigma_min, config.n_levels)
 
 
 def train_ncsn(config: Config, target):

@@ -28,6 +28,8 @@ from flax import nnx
 import jsm
 from jsm import data, metrics, nets, objectives, plot, runs, samplers
 
+import common
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -49,7 +51,7 @@ class Config:
 
 
 def schedule(config: Config) -> jax.Array:
-    return jnp.geomspace(config.sigma_max, config.sigma_min, config.n_levels)
+    return common.geometric_sigmas(config.sigma_max, config.sigma_min, config.n_levels)
 
 
 def train(config: Config, split: data.Split):

@@ -26,6 +26,8 @@ from flax import nnx
 import jsm
 from jsm import nets, objectives, plot, runs, targets
 
+import common
+
 ESTIMATORS = objectives.VARIANCE_REDUCTIONS
 
 
@@ -43,11 +45,13 @@ class Config:
     hidden: tuple[int, ...] = (64, 64)
     n_train: int = 20_000
     n_test: int = 5_000
+    checkpoint_every: int = 500
+    log_every: int = 100
     progress: bool = True
 
 
 def make_target() -> targets.GaussianMixture:
-    return targets.Ring(n_modes=8, radius=2.0, scale=0.3)
+    return common.ring(scale=0.3)
 
 
 def name(vr) -> str:
@@ -81,15 +85,15 @@ def train_each(config: Config, target) -> dict:
     for vr in ESTIMATORS:
         apply, params = nets.pure(nets.MLPScore(2, config.hidden, rngs=nnx.Rngs(config.seed)))
         loss = lambda p, k, xs, vr=vr: objectives.dsm(lambda y: apply(p, y), k, xs, config.train_sigma, vr)
-        curve, optimizer = [], optax.adam(config.learning_rate)
-        for i in range(1, config.evaluations + 1):  # each segment resumes the run (and reuses the compiled steps)
-            result = jsm.fit(loss, params, data, optimizer=optimizer, key=k_fit,
-                             steps=config.steps * i // config.evaluations, batch_size=256,
-                             workdir=f"{config.workdir}/{name(vr)}", checkpoint_every=500, log_every=100,
-                             progress=config.progress)
-            fisher = objectives.esm(lambda y, p=result.params: apply(p, y), noised.score, x_test)
-            curve.append({"step": result.step, "fisher_divergence_to_p_sigma": float(fisher)})
-        curves[name(vr)] = curve
+        fisher = common.evaluations(
+            "fisher", config.steps, config.evaluations,
+            lambda state: {"fisher_divergence_to_p_sigma": objectives.esm(lambda y: apply(state.params, y),
+                                                                          noised.score, x_test)})
+        result = jsm.fit(loss, params, data, optimizer=optax.adam(config.learning_rate), key=k_fit,
+                         steps=config.steps, batch_size=256, workdir=f"{config.workdir}/{name(vr)}",
+                         checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=config.progress,
+                         callbacks=[fisher])
+        curves[name(vr)] = result.callbacks["fisher"]
     return curves
 
 

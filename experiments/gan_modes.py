@@ -27,9 +27,9 @@ from flax import nnx
 import jsm
 from jsm import implicit, metrics, nets, plot, runs, targets
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-import annealed_langevin  # noqa: E402
-import ebm_mle  # noqa: E402
+import annealed_langevin
+import common
+import ebm_mle
 
 BOX = ((-3.0, -3.0), (3.0, 3.0))
 
@@ -52,7 +52,7 @@ class Config:
 
 
 def make_target(config: Config) -> targets.GaussianMixture:
-    return targets.Ring(n_modes=8, radius=2.0, scale=config.scale)
+    return common.ring(scale=config.scale)
 
 
 def mode_scores(xs: jax.Array, target: targets.GaussianMixture, key: jax.Array) -> dict:
@@ -71,23 +71,22 @@ def mode_scores(xs: jax.Array, target: targets.GaussianMixture, key: jax.Array) 
 
 
 def train_gan(config: Config, target, data) -> tuple[jax.Array, list[dict]]:
-    """Train the GAN in `evaluations` resumed segments; returns its final samples and the scores over training."""
+    """Train the GAN, scored `evaluations` times during training; returns its final samples and the scores."""
     rngs = nnx.Rngs(config.seed)
     leaky = lambda x: jax.nn.leaky_relu(x, 0.2)  # GANs need no second derivatives; leaky ReLU trains them best
     g_apply, g_params = nets.pure(implicit.Generator(config.latent_dim, 2, config.hidden, rngs=rngs, activation=leaky))
     d_apply, d_params = nets.pure(implicit.Discriminator(2, config.hidden, rngs=rngs, activation=leaky))
     loss = lambda p, k, xs: implicit.gan_loss(g_apply, d_apply, p, k, xs, config.latent_dim)
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
-    history, params = [], {"generator": g_params, "discriminator": d_params}
-    optimizer = optax.adam(config.learning_rate, b1=0.5)
-    for i in range(1, config.evaluations + 1):  # each segment resumes the run (and reuses the compiled steps)
-        result = jsm.fit(loss, params, data, optimizer=optimizer, key=key,
-                         steps=config.gan_steps * i // config.evaluations, batch_size=config.batch_size,
-                         workdir=f"{config.workdir}/gan", checkpoint_every=1000, log_every=100, progress=config.progress)
-        g = lambda z, p=result.params["generator"]: g_apply(p, z)
-        xs = implicit.push_forward(g, jax.random.fold_in(key, 1), config.n_samples, config.latent_dim)
-        history.append({"step": result.step, **mode_scores(xs, target, jax.random.fold_in(key, 2))})
-    return xs, history
+    params = {"generator": g_params, "discriminator": d_params}
+    samples = lambda p: implicit.push_forward(lambda z: g_apply(p["generator"], z), jax.random.fold_in(key, 1),
+                                              config.n_samples, config.latent_dim)
+    score = common.evaluations("mode_scores", config.gan_steps, config.evaluations,
+                               lambda state: mode_scores(samples(state.params), target, jax.random.fold_in(key, 2)))
+    result = jsm.fit(loss, params, data, optimizer=optax.adam(config.learning_rate, b1=0.5), key=key,
+                     steps=config.gan_steps, batch_size=config.batch_size, has_aux=True, callbacks=[score],
+                     workdir=f"{config.workdir}/gan", checkpoint_every=1000, log_every=100, progress=config.progress)
+    return samples(result.params), result.callbacks["mode_scores"]
 
 
 def train_ebm(config: Config, target) -> jax.Array:

@@ -25,6 +25,8 @@ from flax import nnx
 import jsm
 from jsm import nets, objectives, plot, runs, samplers, targets
 
+import common
+
 OBJECTIVES = ("esm", "ism", "dsm", "ssm")
 BOX = ((-3.5, -3.5), (3.5, 3.5))
 
@@ -52,7 +54,7 @@ class Config:
 
 
 def make_target() -> targets.GaussianMixture:
-    return targets.Ring(n_modes=8, radius=2.0, scale=0.3)
+    return common.ring(scale=0.3)
 
 
 def make_loss(objective: str, apply, target, sigma: float, variance_reduction: str = "none"):

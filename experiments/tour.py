@@ -30,16 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import annealed_langevin  # noqa: E402
-import digits  # noqa: E402
-import ebm_mle  # noqa: E402
-import kl_directions  # noqa: E402
-import langevin_step_size  # noqa: E402
-import score_matching_2d  # noqa: E402
+import annealed_langevin
+import digits
+import ebm_mle
+import kl_directions
+import langevin_step_size
+import score_matching_2d
 
-import jsm  # noqa: E402
-from jsm import nets, objectives, partition, plot, runs, targets  # noqa: E402
+import jsm
+from jsm import nets, objectives, partition, plot, runs, targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,29 +178,15 @@ def langevin_section(config: Config, out: Path) -> Section:
 
 
 def identities(score_fn, target, sigma: float, key) -> dict:
-    """J_ESM - J_ISM against C, and J_ESM(p_σ) - J_DSM against C', on 100k held-out samples."""
+    """J_ESM - J_ISM against C, and J_ESM(p_σ) - J_DSM against C', on 100k held-out samples
+    (`jsm.objectives.score_matching_identities`; the ± are standard errors of the paired gaps)."""
     k_x, k_eps = jax.random.split(key)
     xs = target.sample(k_x, 100_000)
-    eps = sigma * jax.random.normal(k_eps, xs.shape)
-    noised = target.noised(sigma)
-
-    @jax.jit
-    def terms(xs, eps):
-        per = jax.vmap(lambda x, e: jnp.stack([
-            objectives.esm_per_example(score_fn, target.score, x),
-            objectives.ism_per_example(score_fn, x),
-            0.5 * jnp.sum(target.score(x) ** 2),
-            objectives.esm_per_example(score_fn, noised.score, x + e),
-            objectives.dsm_per_example(score_fn, x, e, sigma),
-            0.5 * jnp.sum(noised.score(x + e) ** 2) - x.shape[0] / (2 * sigma**2),
-        ]))(xs, eps)
-        return jnp.mean(per, 0), jnp.std(per[:, 0] - per[:, 1]) / jnp.sqrt(xs.shape[0]), \
-            jnp.std(per[:, 3] - per[:, 4]) / jnp.sqrt(xs.shape[0])
-
-    (esm, ism, c, esm_s, dsm, c_s), se1, se2 = terms(xs, eps)
-    return {"J_ESM": float(esm), "J_ISM": float(ism), "J_ESM-J_ISM": float(esm - ism), "C": float(c), "se1": float(se1),
-            "J_ESM(p_sigma)": float(esm_s), "J_DSM": float(dsm), "J_ESM(p_sigma)-J_DSM": float(esm_s - dsm),
-            "C'": float(c_s), "se2": float(se2)}
+    ids = objectives.score_matching_identities(score_fn, target.score, target.noised(sigma).score, k_eps, xs, sigma)
+    return {"J_ESM": float(ids.esm), "J_ISM": float(ids.ism), "J_ESM-J_ISM": float(ids.esm - ids.ism),
+            "C": float(ids.c), "se1": float(ids.se), "J_ESM(p_sigma)": float(ids.esm_noised), "J_DSM": float(ids.dsm),
+            "J_ESM(p_sigma)-J_DSM": float(ids.esm_noised - ids.dsm), "C'": float(ids.c_noised),
+            "se2": float(ids.se_noised)}
 
 
 def score_matching_section(config: Config, out: Path) -> Section:

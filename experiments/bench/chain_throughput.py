@@ -17,18 +17,14 @@ under `run_chains` through `samplers.from_blackjax`.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.scipy.special import logsumexp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, table, time_call  # noqa: E402
-
-from jsm import nets, samplers, targets  # noqa: E402
+from jsm import nets, samplers, targets
+from timing import save, table, time_call
 
 STEP = 0.05
 

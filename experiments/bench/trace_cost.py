@@ -3,9 +3,11 @@
 An MLP energy f_θ (3 hidden layers of 128, softplus), batch 256. Each method computes
 one training step's loss and its gradient with respect to θ:
 
-  forward          exact ISM, `jsm.objectives.ism(jsm.score_of(f), xs)` (the default "auto"): the
-                   forward Laplacian with the batch folded into its matrix products
-  jacfwd, jacrev   exact ISM, 1/2 |∇f|² - Δf, the Laplacian by `jsm.laplacian(method=...)`
+  forward          exact ISM of the energy, `jsm.objectives.ism_energy(f, xs)` (the default "auto"):
+                   one second-order forward jet of f, the batch folded into its matrix products
+  jacfwd, jacrev   exact ISM, 1/2 |∇f|² - Δf, by `ism_energy(f, xs, method=...)`
+  score_of         exact ISM of the score as an opaque vector field, `ism(jsm.score_of(f), xs)`:
+                   a first-order jet of -∇f's graph (what the energy path saves)
   folx             exact ISM with folx's forward Laplacian (peer; skipped if not installed)
   hutchinson       ISM with a one-probe Hutchinson ESTIMATE of Δf
   ssm              sliced score matching, one projection
@@ -25,26 +27,16 @@ Jacobian columns through the two h x h layers (2 b d · 2 h²), times 3 for the 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import matmul_flops_per_second, save, table, time_call  # noqa: E402
-
-import jsm  # noqa: E402
-from jsm import nets, objectives, scores  # noqa: E402
+import jsm
+from jsm import nets, objectives, scores
+from timing import matmul_flops_per_second, save, table, time_call
 
 HIDDEN, BATCH = (128, 128, 128), 256
-
-
-def ism_energy(energy, xs, method):
-    """E[1/2 |∇f|² - Δf]: ISM for s = -∇f, with tr(∂s/∂x) = -Δf."""
-    grad, lap = jax.grad(energy), scores.laplacian(energy, method)
-    return jnp.mean(jax.vmap(lambda x: 0.5 * jnp.sum(grad(x) ** 2) - lap(x))(xs))
 
 
 def folx_laplacian(energy):
@@ -58,9 +50,10 @@ def folx_laplacian(energy):
 def losses(apply, d: int):
     score = lambda p: (lambda x: -jax.grad(lambda y: apply(p, y))(x))
     out = {
-        "forward": lambda p, k, xs: objectives.ism(jsm.score_of(lambda x: apply(p, x)), xs, method="forward"),
-        "jacfwd": lambda p, k, xs: ism_energy(lambda x: apply(p, x), xs, "jacfwd"),
-        "jacrev": lambda p, k, xs: ism_energy(lambda x: apply(p, x), xs, "jacrev"),
+        "forward": lambda p, k, xs: objectives.ism_energy(lambda x: apply(p, x), xs, method="forward"),
+        "jacfwd": lambda p, k, xs: objectives.ism_energy(lambda x: apply(p, x), xs, method="jacfwd"),
+        "jacrev": lambda p, k, xs: objectives.ism_energy(lambda x: apply(p, x), xs, method="jacrev"),
+        "score_of": lambda p, k, xs: objectives.ism(jsm.score_of(lambda x: apply(p, x)), xs, method="forward"),
         "hutchinson": lambda p, k, xs: jnp.mean(jax.vmap(
             lambda x, kk: 0.5 * jnp.sum(score(p)(x) ** 2) + scores.hutchinson_divergence(score(p))(x, kk))(
                 xs, jax.random.split(k, xs.shape[0]))),
@@ -81,7 +74,7 @@ def score_net_losses(apply):
             for m in ("forward", "jacfwd", "jacrev")}
 
 
-EXACT = ("forward", "jacfwd", "jacrev", "folx")
+EXACT = ("forward", "jacfwd", "jacrev", "score_of", "folx")
 
 
 def lower_bound_flops(d: int, h: int = 128) -> float:
