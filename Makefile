@@ -26,17 +26,16 @@ test: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 	JAX_PLATFORMS=cpu JAX_ENABLE_X64=1 $(PY) -m pytest -q -n auto --dist loadfile -m numerics $(ARGS)
 
-# Benchmarks print a table and write JSON under runs/bench/. The peers (folx, blackjax) are
-# installed beside the pinned stack, constrained by requirements.lock so that jax stays pinned.
+# Benchmarks print a table and write JSON under runs/bench/. The peers (folx, blackjax) are in the
+# lock (the `peers` extra), so the tests and benchmarks compare against pinned versions.
 bench: setup
-	$(PY) -m pip install --quiet -c requirements.lock "folx==0.2.30" "blackjax==1.7.1"
 	$(PY) experiments/bench/trace_cost.py $(ARGS)
 	$(PY) experiments/bench/chain_throughput.py $(ARGS)
 
 test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip
-	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[dev]"
+	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[dev,peers]"
 	JAX_PLATFORMS=cpu .venv-latest/bin/python -m pytest -q -n auto --dist loadfile $(ARGS)
 
 # Re-pin requirements.lock, with every file's sha256, from the newest releases that satisfy
@@ -45,7 +44,7 @@ lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet "pip-tools==7.6.2"
 	.venv-lock/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe --no-strip-extras \
-		--no-emit-index-url --no-emit-find-links --extra dev --output-file requirements.lock pyproject.toml
+		--no-emit-index-url --no-emit-find-links --extra dev --extra peers --output-file requirements.lock pyproject.toml
 	rm -rf .venv-lock
 
 clean:
