@@ -7,13 +7,14 @@ spreads over devices. `jsm.plot` (matplotlib) and `jsm.runs` (experiment
 bookkeeping) are imported on demand.
 """
 
-from jsm import (diagnostics, ebm, forward, implicit, metrics, nets, objectives, partition, samplers, scores,
-                 targets, train)
+from jsm import (diagnostics, diffusion, ebm, forward, implicit, likelihood, metrics, nets, objectives, partition,
+                 samplers, scores, sde, targets, train)
 from jsm.scores import divergence, hutchinson_divergence, laplacian, score_of
 from jsm.train import fit
 
 __all__ = [
     "diagnostics",
+    "diffusion",
     "divergence",
     "ebm",
     "fit",
@@ -21,6 +22,7 @@ __all__ = [
     "hutchinson_divergence",
     "implicit",
     "laplacian",
+    "likelihood",
     "metrics",
     "nets",
     "objectives",
@@ -28,6 +30,7 @@ __all__ = [
     "samplers",
     "score_of",
     "scores",
+    "sde",
     "targets",
     "train",
 ]

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jsm import _validate
+from jsm.diffusion import dsm_sde, dsm_sde_per_example  # noqa: F401  (continuous-time DSM lives with its SDE samplers)
 from jsm.scores import batch_score_and_divergence_of_energy, batch_value_and_divergence
 
 Array = jax.Array
