@@ -8,6 +8,9 @@ like an array) with
     log_prob(x)     log p(x) = -f(x) - log Z                          ()
     score(x)        s(x) = ∇ log p(x) = -∇f(x), written out by hand   (d,)
     sample(key, n)  n exact, independent samples                      (n, d)
+    noised(sigma)   p_σ = p * N(0, σ² I) as a Gaussian or a GaussianMixture
+                    (Gaussian, GaussianMixture, Ring; Banana and Funnel have no
+                    closed form and raise NotImplementedError)
 
 Functions of x take ONE example of shape (d,); batch them with `jax.vmap`.
 The energies are written so that a batch of them is a few dense matrix
@@ -53,6 +56,16 @@ class Target:
     def log_prob(self, x: Array) -> Array:
         """log p(x) = -f(x) - log Z."""
         return -self.energy(x) - self.log_z()
+
+    def noised(self, sigma: float) -> Target:
+        """p_σ = p * N(0, σ² I), where the convolution has a closed form (Gaussian, GaussianMixture, Ring)."""
+        name = type(self).__name__
+        raise NotImplementedError(
+            f"{name}.noised(sigma={sigma!r}): p_σ = p * N(0, σ² I) has no closed form for a {name} "
+            "(its density is not a Gaussian or a mixture of Gaussians, so the convolution integral does not "
+            "reduce); noised(σ) exists for Gaussian, GaussianMixture and Ring. Estimate p_σ(x) = E_ε p(x - ε), "
+            "ε ~ N(0, σ² I), by Monte Carlo, or train a noise-conditional score with jsm.objectives.dsm"
+        )
 
 
 @_pytree
@@ -170,18 +183,62 @@ class GaussianMixture(Target):
         return GaussianMixture(self.means, jnp.sqrt(self.scales**2 + sigma**2), self.weights)
 
 
-def Ring(n_modes: int = 8, radius: float = 2.0, scale: float = 0.2) -> GaussianMixture:
-    """Equal-weight mixture of `n_modes` Gaussians of std `scale` on a circle.
+class Ring(GaussianMixture):
+    """Equal-weight mixture of `n_modes` Gaussians of std `scale` on a circle of radius `radius`.
 
-    Mode k sits at radius · (cos 2πk/n, sin 2πk/n). The 8-mode ring is the
-    classic test of mode collapse and of Langevin's mixing between modes.
+    Mode k sits at m_k = radius · (cos 2πk/n, sin 2πk/n), k < n; every s_k = scale, w_k = 1/n.
+    The 8-mode ring is the classic test of mode collapse and of Langevin's mixing between modes.
+
+    A Ring IS a GaussianMixture (d = 2): the same three leaves (means (n, 2), scales (n,),
+    weights (n,)), so it crosses `jit` and `vmap` like one and `noised(σ)` is a mixture too.
+
+    Args:
+      n_modes: n, an int >= 1.
+      radius: the radius of the circle of means, > 0.
+      scale: the standard deviation of every component, > 0.
     """
-    n_modes = _validate.positive_int("n_modes", n_modes)
-    _validate.positive("radius", radius)
-    _validate.positive("scale", scale)
-    angles = 2 * jnp.pi * jnp.arange(n_modes) / n_modes
-    means = radius * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
-    return GaussianMixture(means, jnp.full((n_modes,), float(scale)), jnp.ones(n_modes))
+
+    def __init__(self, n_modes: int = 8, radius: float = 2.0, scale: float = 0.2):
+        n_modes = _validate.positive_int("n_modes", n_modes)
+        _validate.positive("radius", radius)
+        _validate.positive("scale", scale)
+        angles = 2 * jnp.pi * jnp.arange(n_modes) / n_modes
+        means = radius * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+        super().__init__(means, jnp.full((n_modes,), scale), jnp.ones(n_modes))
+
+    @property
+    def n_modes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def radius(self) -> Array:
+        return jnp.linalg.norm(self.means[0])
+
+    @property
+    def scale(self) -> Array:
+        return self.scales[0]
+
+    def __repr__(self) -> str:
+        r, s = self.radius, self.scale
+        if _validate.is_concrete(r):
+            r, s = f"{float(r):.6g}", f"{float(s):.6g}"
+        return f"Ring(n_modes={self.n_modes}, radius={r}, scale={s})"
+
+
+def _ring_flatten(ring: Ring):
+    return ((jax.tree_util.GetAttrKey(f), getattr(ring, f)) for f in ("means", "scales", "weights")), None
+
+
+def _ring_unflatten(_, leaves) -> Ring:
+    # A transform's leaves (tracers, shape structs, None) go in as they are, unchecked:
+    # the means of a traced Ring are not recomputed from n_modes, radius and scale.
+    ring = object.__new__(Ring)
+    for f, leaf in zip(("means", "scales", "weights"), leaves):
+        object.__setattr__(ring, f, leaf)
+    return ring
+
+
+jax.tree_util.register_pytree_with_keys(Ring, _ring_flatten, _ring_unflatten)
 
 
 @_pytree

@@ -14,6 +14,7 @@ import pytest
 from jsm import targets
 
 X64 = bool(jax.config.jax_enable_x64)
+FLOAT = jnp.zeros(()).dtype  # the default float: float32, or float64 under JAX_ENABLE_X64
 
 
 def tol(float32: float, float64: float) -> float:

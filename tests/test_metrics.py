@@ -1,13 +1,14 @@
-"""Sample-based distances against closed forms."""
+"""Distances and divergences against closed forms and slow exact references."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jsm import metrics
+from jsm import metrics, quadrature
 
-from conftest import tol
+from conftest import FLOAT, tol
 
 
 @pytest.mark.numerics
@@ -21,12 +22,19 @@ def test_sliced_wasserstein_of_a_shift_is_its_closed_form():
     assert abs(draws.mean() - 2 / np.pi) < 5 * draws.std() / np.sqrt(draws.size)
 
 
-def test_wasserstein_1d_matches_scipy():
-    from scipy.stats import wasserstein_distance
+class Wasserstein1dTest(chex.TestCase):
+    pytestmark = pytest.mark.numerics
 
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=300), rng.gamma(2.0, size=300)
-    np.testing.assert_allclose(metrics.wasserstein_1d(jnp.asarray(a), jnp.asarray(b)), wasserstein_distance(a, b), rtol=tol(1e-5, 1e-12))
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_wasserstein_1d_matches_scipy(self):
+        from scipy.stats import wasserstein_distance
+
+        rng = np.random.default_rng(0)
+        a, b = rng.normal(size=300), rng.gamma(2.0, size=300)
+        got = self.variant(metrics.wasserstein_1d)(jnp.asarray(a, FLOAT), jnp.asarray(b, FLOAT))
+        chex.assert_shape(got, ())
+        chex.assert_type(got, FLOAT)
+        np.testing.assert_allclose(got, wasserstein_distance(a, b), rtol=tol(1e-5, 1e-12))
 
 
 def test_mismatched_samples_raise():
@@ -116,6 +124,34 @@ def test_mmd_matches_slow_reference_and_is_unbiased(two_gaussians):
     same = jax.vmap(lambda k: metrics.mmd(p.sample(k, 200), p.sample(jax.random.fold_in(k, 1), 200), 1.0))(
         jax.random.split(jax.random.key(3), 200))
     assert abs(float(same.mean())) < 5 * float(same.std()) / np.sqrt(200)
+
+
+@pytest.mark.numerics
+def test_kl_knn_matches_the_estimator_written_with_a_kd_tree():
+    """D̂ = d/n Σ_i log(ν_k(i) / ρ_k(i)) + log(m / (n - 1)) (Wang, Kulkarni & Verdú 2009, eq. 5)."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=(40, 3)), 0.5 + 1.5 * rng.normal(size=(25, 3))
+    for k in (1, 3):
+        rho = cKDTree(xs).query(xs, k + 1)[0][:, k]  # the nearest of xs to x_i is x_i itself
+        nu = cKDTree(ys).query(xs, [k])[0][:, 0]
+        ref = 3 * np.mean(np.log(nu / rho)) + np.log(25 / 39)
+        np.testing.assert_allclose(metrics.kl_knn(jnp.asarray(xs, FLOAT), jnp.asarray(ys, FLOAT), k), ref,
+                                   rtol=tol(1e-4, 1e-10))
+
+
+@pytest.mark.numerics
+def test_trapezoid_grid_is_exact_on_its_error_formula():
+    """Σ w g = ∫ g for g linear; for g = x² on [a, b], Σ w g = ∫ g + (b - a) h² / 6, h = (b - a)/(n - 1)."""
+    points, log_w = quadrature.grid(jnp.array([0.0, -1.0]), jnp.array([2.0, 1.0]), 11)
+    chex.assert_shape([points, log_w], [(121, 2), (121,)])
+    w = np.exp(np.asarray(log_w, np.float64))
+    x, y = np.asarray(points, np.float64).T
+    np.testing.assert_allclose(np.sum(w * (1 + x + 2 * y)), 8.0, rtol=tol(1e-5, 1e-12))
+    h = 2.0 / 10
+    np.testing.assert_allclose(np.sum(w * x**2), 2 * (8 / 3 + 2 * h**2 / 6), rtol=tol(1e-5, 1e-12))
+    np.testing.assert_allclose(np.sum(w * y**2), 2 * (2 / 3 + 2 * h**2 / 6), rtol=tol(1e-5, 1e-12))
 
 
 def test_metric_inputs_are_checked():

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,7 @@ import jsm
 from jsm import objectives as O
 from jsm import targets
 
-from conftest import all_targets, tol
+from conftest import FLOAT, all_targets, tol
 
 settings.register_profile("ci", derandomize=True, max_examples=15, deadline=None)
 settings.load_profile("ci")
@@ -49,18 +50,38 @@ def test_rotating_a_target_rotates_its_score_and_keeps_its_laplacian(x, theta):
     np.testing.assert_allclose(l1, l0, rtol=tol(1e-3, 1e-9), atol=tol(1e-3, 1e-9))
 
 
+@jax.jit
+def _esm_of_shifted_score(xs, c):
+    return O.esm(lambda x: MIX.score(x) + c, MIX.score, xs)
+
+
+@pytest.mark.numerics
+@given(shift=vec2, seed=st.integers(0, 2**16))
+def test_esm_of_the_true_score_plus_a_constant_is_half_its_square(shift, seed):
+    """J_ESM(s_p + c) = 1/2 E |c|² = |c|² / 2 on any sample."""
+    c = np.asarray(shift, np.float64)
+    got = _esm_of_shifted_score(MIX.sample(jax.random.key(seed), 8), jnp.asarray(c, FLOAT))
+    np.testing.assert_allclose(got, 0.5 * c @ c, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
+
+
+@jax.jit
+def _ism_and_dsm_of_linear_score(a, b, xs, eps):
+    s = lambda x: a @ x + b
+    ism = [O.ism(s, xs, method=method) for method in jsm.scores.METHODS]
+    return jnp.stack(ism), jax.vmap(lambda x, e: O.dsm_per_example(s, x, e, 0.3))(xs, eps)
+
+
+@pytest.mark.numerics
 @given(seed=st.integers(0, 2**16))
-def test_objectives_do_not_depend_on_the_order_of_the_batch(seed):
-    key = jax.random.key(seed)
-    xs = MIX.sample(key, 16)
-    perm = jax.random.permutation(jax.random.fold_in(key, 1), 16)
-    s = lambda x: jnp.tanh(x) - 0.5 * x
-    np.testing.assert_allclose(O.esm(s, MIX.score, xs[perm]), O.esm(s, MIX.score, xs), rtol=tol(1e-5, 1e-12))
-    np.testing.assert_allclose(O.ism(s, xs[perm]), O.ism(s, xs), rtol=tol(1e-5, 1e-12))
-    # DSM pairs noise with positions: permuting the data and its noise together leaves the loss unchanged.
-    eps = 0.3 * jax.random.normal(key, xs.shape)
-    per = lambda xs, eps: jnp.mean(jax.vmap(lambda x, e: O.dsm_per_example(s, x, e, 0.3))(xs, eps))
-    np.testing.assert_allclose(per(xs[perm], eps[perm]), per(xs, eps), rtol=tol(1e-5, 1e-12))
+def test_ism_and_dsm_of_a_linear_score_match_their_formulas(seed):
+    """s(x) = A x + b: J_ISM = mean 1/2 |A x + b|² + tr A; DSM's term is 1/2 |A (x + ε) + b + ε/σ²|²."""
+    rng = np.random.default_rng(seed)
+    a, b, xs, eps = rng.normal(size=(3, 3)), rng.normal(size=3), rng.normal(size=(6, 3)), 0.3 * rng.normal(size=(6, 3))
+    ism, dsm = _ism_and_dsm_of_linear_score(*(jnp.asarray(v, FLOAT) for v in (a, b, xs, eps)))
+    want_ism = np.mean(0.5 * np.sum((xs @ a.T + b) ** 2, -1)) + np.trace(a)
+    np.testing.assert_allclose(ism, np.full(len(jsm.scores.METHODS), want_ism), rtol=tol(1e-4, 1e-10))
+    want_dsm = 0.5 * np.sum(((xs + eps) @ a.T + b + eps / 0.3**2) ** 2, -1)
+    np.testing.assert_allclose(dsm, want_dsm, rtol=tol(1e-4, 1e-10))
 
 
 @given(shape=st.sampled_from([(3,), (2, 3, 2), ()]))
@@ -72,11 +93,12 @@ def test_wrong_ranks_are_refused(shape):
 # --- the contract of every public function on one example or one batch -------------
 
 FAMILIES = all_targets()
-FLOAT = jnp.zeros(()).dtype  # the default float: float32, or float64 under JAX_ENABLE_X64
 
 
-def _scalar(a):
-    return jnp.shape(a) == () and jnp.result_type(a) == FLOAT
+def _scalars(values):
+    """Each value is a 0-d array of the default float."""
+    chex.assert_shape(values, ())
+    chex.assert_type(values, FLOAT)
 
 
 def _target_outputs(t, xs):
@@ -101,15 +123,15 @@ def test_every_target_keeps_shapes_and_the_default_float(name, n, seed):
     t = FAMILIES[name]
     xs = t.sample(jax.random.key(seed), n)
     d = xs.shape[1]
-    assert xs.shape == (n, d) and xs.dtype == FLOAT
+    chex.assert_shape(xs, (n, d))
+    chex.assert_type(xs, FLOAT)
     out = target_outputs(t, xs)
-    scalars = ["energy", "log_prob", "log_z"] + [k for k in out if k.startswith(("laplacian", "divergence"))]
-    assert all(_scalar(out[k]) for k in scalars), {k: (out[k].shape, out[k].dtype) for k in scalars}
-    assert out["score"].shape == out["score_of"].shape == (d,) and out["score"].dtype == FLOAT
+    _scalars([out[k] for k in ["energy", "log_prob", "log_z"] + [k for k in out if k.startswith(("laplacian", "divergence"))]])
+    chex.assert_shape([out["score"], out["score_of"]], (d,))
+    chex.assert_type([out["score"], out["score_of"]], FLOAT)
     values, divs = out["batch"]
-    assert values.shape == (n, d) and divs.shape == (n,)
     jet = out["jet"]
-    assert jet.value.shape == (n,) and jet.jacobian.shape == (n, d) and jet.laplacian.shape == (n,)
+    chex.assert_shape([values, divs, jet.value, jet.jacobian, jet.laplacian], [(n, d), (n,), (n,), (n, d), (n,)])
 
 
 @settings(max_examples=2)
@@ -122,10 +144,10 @@ def test_every_objective_metric_and_sampler_returns_the_documented_shapes(n, d, 
     losses = [O.esm(s, g.score, xs), O.ssm(s, key, xs), O.ncsn(lambda x, sigma: s(x), key, xs, jnp.array([1.0, 0.5]))]
     losses += [O.ism(s, xs, method=m) for m in jsm.scores.METHODS]
     losses += [O.dsm(s, key, xs, 0.5, variance_reduction=v) for v in O.VARIANCE_REDUCTIONS]
-    assert all(_scalar(loss) for loss in losses)
-    assert all(_scalar(v) for v in (jsm.metrics.mmd(xs, ys), jsm.metrics.kl_knn(xs, ys), jsm.metrics.wasserstein(xs, ys),
-                                     jsm.metrics.sliced_wasserstein(xs, ys, key, 4)))
+    _scalars(losses)
+    _scalars([jsm.metrics.mmd(xs, ys), jsm.metrics.kl_knn(xs, ys), jsm.metrics.wasserstein(xs, ys),
+              jsm.metrics.sliced_wasserstein(xs, ys, key, 4)])
     for kernel in (jsm.samplers.ula(g.score, 0.1), jsm.samplers.mala(g.log_prob, 0.1)):
         final, trace, info = jsm.samplers.run_chains(kernel, key, xs, 4, thin=2)
-        assert final.position.shape == (n, d) and final.position.dtype == FLOAT
-        assert trace.shape == (2, n, d) and info.acceptance_rate.shape == (n,)
+        chex.assert_shape([final.position, trace, info.acceptance_rate], [(n, d), (2, n, d), (n,)])
+        chex.assert_type(final.position, FLOAT)

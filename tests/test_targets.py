@@ -1,5 +1,6 @@
-"""Targets: closed forms against autodiff, quadrature and their own exact samplers."""
+"""Targets: closed forms against autodiff, quadrature, scipy and their own exact samplers."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +8,57 @@ import pytest
 from scipy import integrate, special, stats
 
 from jsm import targets
-from conftest import all_targets, grid_2d, tol
+from conftest import FLOAT, all_targets, grid_2d, tol
 
 TARGETS = all_targets()
+NOISED = ["gaussian3", "mixture", "ring"]  # the targets whose p * N(0, σ² I) has a closed form
+
+
+def mixture_reference(means, scales, weights, x):
+    """log p(x) and s(x) of Σ_k w_k N(m_k, s_k² I) the slow obvious way, in float64.
+
+    p(x) = Σ_k w_k N(x; m_k, s_k² I) / Σ_k w_k,  s(x) = Σ_k r_k (m_k - x) / s_k²,  r_k ∝ w_k N(x; m_k, s_k² I).
+    """
+    means, scales, weights, x = (np.asarray(a, np.float64) for a in (means, scales, weights, x))
+    dens = np.array([w * stats.multivariate_normal(m, s**2 * np.eye(x.size)).pdf(x)
+                     for m, s, w in zip(means, scales, weights)])
+    r = dens / dens.sum()
+    score = sum(rk * (m - x) / s**2 for rk, m, s in zip(r, means, scales))
+    return np.log(dens.sum() / weights.sum()), score
+
+
+class ExactReferenceTest(chex.TestCase):
+    """log p and s, jitted and not, against scipy and the slow mixture formula."""
+
+    pytestmark = pytest.mark.numerics
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gaussian_log_prob_and_score_match_scipy(self):
+        t = TARGETS["gaussian3"]
+        xs = np.random.default_rng(0).normal(size=(4, 3))
+        fn = self.variant(lambda t, x: (t.log_prob(x), t.score(x)))
+        mean, cov = np.asarray(t.mean, np.float64), np.asarray(t.cov, np.float64)
+        for x in xs:
+            log_p, score = fn(t, jnp.asarray(x, FLOAT))
+            chex.assert_shape([log_p, score], [(), (3,)])
+            chex.assert_type([log_p, score], FLOAT)
+            np.testing.assert_allclose(log_p, stats.multivariate_normal(mean, cov).logpdf(x), rtol=tol(1e-5, 1e-12))
+            np.testing.assert_allclose(score, -np.linalg.solve(cov, x - mean), rtol=tol(1e-5, 1e-12), atol=tol(1e-5, 1e-12))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mixture_log_prob_and_score_match_the_slow_formula(self):
+        # Unnormalised weights (sum 3.5): log p must divide by Σ w_k.
+        t = targets.GaussianMixture(jnp.array([[-1.0, 0.0], [1.5, 0.5], [0.0, 1.0]]),
+                                    jnp.array([0.5, 0.8, 0.4]), jnp.array([1.0, 2.0, 0.5]))
+        xs = np.random.default_rng(1).normal(size=(4, 2))
+        fn = self.variant(lambda t, x: (t.log_prob(x), t.score(x)))
+        for x in xs:
+            log_p, score = fn(t, jnp.asarray(x, FLOAT))
+            chex.assert_shape([log_p, score], [(), (2,)])
+            chex.assert_type([log_p, score], FLOAT)
+            ref_log_p, ref_score = mixture_reference(t.means, t.scales, t.weights, x)
+            np.testing.assert_allclose(log_p, ref_log_p, rtol=tol(1e-5, 1e-12))
+            np.testing.assert_allclose(score, ref_score, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
 
 
 @pytest.mark.numerics
@@ -33,14 +82,6 @@ def test_log_z_matches_quadrature_2d(name):
 
 
 @pytest.mark.numerics
-def test_gaussian_log_prob_matches_scipy():
-    t = TARGETS["gaussian3"]
-    xs = np.random.default_rng(0).normal(size=(10, 3))
-    ref = stats.multivariate_normal(np.asarray(t.mean), np.asarray(t.cov)).logpdf(xs)
-    np.testing.assert_allclose(jax.vmap(t.log_prob)(jnp.asarray(xs, jnp.float32)), ref, rtol=1e-5)
-
-
-@pytest.mark.numerics
 def test_funnel_log_z_by_nested_quadrature():
     # Substitute z = e^{v/2} u so the neck is resolved: Z = ∫∫ e^{v/2} exp(-f(v, e^{v/2} u)) du dv.
     t = targets.Funnel(dim=2, scale=1.0)
@@ -58,6 +99,8 @@ def test_funnel_log_z_by_nested_quadrature():
 def test_gaussian_samples_mahalanobis_is_chi2(key):
     t = TARGETS["gaussian3"]
     xs = t.sample(key, 20_000)
+    chex.assert_shape(xs, (20_000, 3))
+    chex.assert_type(xs, FLOAT)
     m2 = 2 * np.asarray(jax.jit(jax.vmap(t.energy))(xs))  # (x - m)^T Σ^-1 (x - m) ~ χ²(d)
     assert stats.kstest(m2, stats.chi2(3).cdf).pvalue > 1e-3
     # Moments within 5 standard errors.
@@ -107,18 +150,55 @@ def test_banana_moments(key):
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("name", ["mixture", "gaussian3"])
-def test_noised_is_convolution_with_gaussian(name, key):
-    """p_σ(x) = E_ε p(x - ε), ε ~ N(0, σ² I), checked by Monte Carlo at a few points."""
-    t, sigma = TARGETS[name], 0.7
-    k1, k2 = jax.random.split(key)
-    xs = t.sample(k1, 5)
-    eps = sigma * jax.random.normal(k2, (200_000, t.dim))
-    density = jax.jit(lambda x: jnp.exp(jax.vmap(t.log_prob)(x - eps)))
-    for x in xs:
-        p = np.asarray(density(x), np.float64)
-        se = p.std() / np.sqrt(p.size)
-        assert abs(p.mean() - float(jnp.exp(t.noised(sigma).log_prob(x)))) < 5 * se
+@pytest.mark.parametrize("name", ["gaussian2", "mixture", "ring"])
+def test_noised_is_the_convolution_with_a_gaussian(name, gaussian2, key):
+    """p_σ(x) = ∫ p(x - ε) N(ε; 0, σ² I) dε by a 2-D trapezoid rule on |ε_i| < 6σ (exact to ~1e-8)."""
+    t, sigma = (gaussian2 if name == "gaussian2" else TARGETS[name]), 0.5
+    e = np.linspace(-6 * sigma, 6 * sigma, 241)
+    ee = np.stack(np.meshgrid(e, e, indexing="ij"), -1).reshape(-1, 2)
+    w = stats.norm(0, sigma).pdf(ee).prod(-1) * (e[1] - e[0]) ** 2
+    shifted = jax.jit(lambda x: jax.vmap(t.log_prob)(x - jnp.asarray(ee, FLOAT)))
+    noised = jax.jit(lambda t, x: t.noised(sigma).log_prob(x))
+    for x in t.sample(key, 3):
+        ref = np.sum(w * np.exp(np.asarray(shifted(x), np.float64)))
+        np.testing.assert_allclose(np.exp(float(noised(t, x))), ref, rtol=tol(1e-5, 1e-7))
+
+
+@pytest.mark.parametrize("name", ["banana", "funnel"])
+def test_noised_without_a_closed_form_says_so(name):
+    with pytest.raises(NotImplementedError, match=rf"{name.capitalize()}.noised\(sigma=0.5\): .* has no closed form"):
+        TARGETS[name].noised(0.5)
+
+
+def test_ring_is_a_gaussian_mixture_on_a_circle():
+    r = targets.Ring(6, radius=1.5, scale=0.25)
+    assert isinstance(r, targets.GaussianMixture)
+    angles = 2 * np.pi * np.arange(6) / 6
+    np.testing.assert_allclose(r.means, 1.5 * np.stack([np.cos(angles), np.sin(angles)], -1), atol=tol(1e-6, 1e-12))
+    np.testing.assert_allclose(r.scales, np.full(6, 0.25))
+    np.testing.assert_allclose(r.weights, np.ones(6))
+    assert (r.n_modes, float(r.radius), float(r.scale)) == (6, pytest.approx(1.5), pytest.approx(0.25))
+    assert repr(r) == "Ring(n_modes=6, radius=1.5, scale=0.25)"
+    assert type(r.noised(0.3)) is targets.GaussianMixture
+    np.testing.assert_allclose(r.noised(0.3).scales, np.full(6, np.hypot(0.25, 0.3)), rtol=tol(1e-6, 1e-12))
+
+
+def test_ring_crosses_jit_and_vmap_as_a_pytree():
+    traces = []
+
+    @jax.jit
+    def log_prob(t, x):
+        traces.append(type(t))
+        return t.log_prob(x)
+
+    a, b = targets.Ring(8, radius=2.0, scale=0.3), targets.Ring(8, radius=1.0, scale=0.5)
+    x = jnp.array([1.0, 0.5])
+    for r in (a, b):  # same n_modes: one trace, the parameters are data
+        np.testing.assert_allclose(log_prob(r, x), r.log_prob(x), rtol=tol(1e-6, 1e-12))
+    assert traces == [targets.Ring]
+    assert [p[0].name for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]] == ["means", "scales", "weights"]
+    both = jax.tree.map(lambda u, v: jnp.stack([u, v]), a, b)
+    np.testing.assert_allclose(jax.vmap(lambda t: t.log_prob(x))(both), [a.log_prob(x), b.log_prob(x)], rtol=tol(1e-6, 1e-12))
 
 
 def test_targets_are_pytrees_through_jit(key):
@@ -139,6 +219,8 @@ def test_targets_are_pytrees_through_jit(key):
         (lambda: targets.GaussianMixture(jnp.zeros((2, 2)), jnp.ones(2), -jnp.ones(2)), "weights must be positive"),
         (lambda: targets.GaussianMixture(jnp.zeros((2, 2)), jnp.array([1.0, jnp.nan]), jnp.ones(2)), "scales must be finite"),
         (lambda: targets.Ring(0), "n_modes must be an int >= 1"),
+        (lambda: targets.Ring(8, radius=0.0), "radius must be positive"),
+        (lambda: targets.Ring(8, scale=-0.1), "scale must be positive"),
         (lambda: targets.Banana(scale=-1.0), "scale must be positive"),
         (lambda: targets.Funnel(dim=1), "dim must be an int >= 2"),
     ],
