@@ -65,6 +65,15 @@ def examples(name: str, xs) -> jax.Array:
     return arr
 
 
+def chains(name: str, x0) -> jax.Array:
+    """Initial positions of n_chains >= 1 chains, shape (n_chains, *shape): (n_chains, d), (n_chains, h, w, c), ..."""
+    arr = float_array(name, x0)
+    if arr.ndim < 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (n_chains, *shape) with n_chains >= 1, one chain's position per "
+                         f"row (e.g. (n_chains, d) or (n_chains, h, w, c)), got shape {tuple(arr.shape)}")
+    return arr
+
+
 def positive(name: str, value) -> None:
     """`value` (a scalar or array) is > 0 wherever it is concrete."""
     if is_concrete(value):

@@ -10,7 +10,8 @@ with a Metropolis-Hastings correction. Papers that write x + (ε/2) s + sqrt(ε)
 use ε = 2a; "tempered" variants with a different noise scale do not target p.
 
 A kernel is a pair `init(position, *args) -> State` and `step(key, state, *args) -> (State, Info)`
-acting on ONE chain, position of shape (d,); `args` (network parameters, a temperature, a
+acting on ONE chain, a position of any shape: a vector (d,), an image (h, w, c), ...; norms and
+inner products run over all its entries, as if it were flattened to d = prod(shape) numbers. `args` (network parameters, a temperature, a
 σ: any pytrees) are passed on to the user's function, `log_prob_fn(x, *args)` or
 `score_fn(x, *args)`. `run_chains` is the only loop: it vmaps the kernel over chains and
 scans over steps, jitted.
@@ -45,6 +46,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jsm import _validate
 from jsm.diagnostics import effective_sample_size, split_rhat  # noqa: F401  (re-exported; use jsm.diagnostics)
+# The diffusion samplers: reverse-time SDE (predictor-corrector), probability-flow ODE, guidance.
+from jsm.diffusion import encode, guided, probability_flow, reverse_sde  # noqa: F401
 
 Array = jax.Array
 
@@ -56,17 +59,17 @@ class Info(NamedTuple):
 
 
 class LangevinState(NamedTuple):
-    position: Array  # (d,)
+    position: Array  # (*shape): one chain's position, (d,) or (h, w, c), ...
 
 
 class MALAState(NamedTuple):
-    position: Array  # (d,)
+    position: Array  # (*shape)
     log_prob: Array  # () log p(position), cached
-    grad: Array  # (d,) ∇log p(position), cached
+    grad: Array  # (*shape) ∇log p(position), cached
 
 
 class AnnealedState(NamedTuple):
-    position: Array  # (d,)
+    position: Array  # (*shape)
     t: Array  # () int32, steps taken; the level is t // n_steps_each
 
 
@@ -160,6 +163,11 @@ def _finite(x: Array) -> Array:
     return jnp.all(jnp.isfinite(x))
 
 
+def _norm(v: Array) -> Array:
+    """|v| = sqrt(Σ_i v_i²) over all entries, whatever v's shape."""
+    return jnp.linalg.norm(jnp.ravel(v))
+
+
 # --- ULA ---------------------------------------------------------------------------
 
 
@@ -179,7 +187,7 @@ def ula(score_fn: Callable[..., Array], step_size: float) -> Kernel:
     """Unadjusted Langevin: x' = x + a s(x) + sqrt(2a) u. Biased by O(a); no rejection.
 
     Args:
-      score_fn: s(x, *args) -> (d,), the score ∇log p; `args` come from `run_chains(..., args=)`.
+      score_fn: s(x, *args) -> x.shape, the score ∇log p; `args` come from `run_chains(..., args=)`.
       step_size: a > 0, a scalar (data: a new value does not recompile).
     """
     return Kernel(_ula_init, _ula_step, _static(score_fn), {"step_size": _step_size(step_size)})
@@ -193,17 +201,20 @@ def _mala_init(kernel: Kernel, position: Array, *args) -> MALAState:
 
 
 def _mala_log_q(to: Array, frm: MALAState, a) -> Array:
-    """log q(to | frm) + const, q(y | x) = N(y; x + a ∇log p(x), 2a I)."""
+    """log q(to | frm) + const, q(y | x) = N(y; x + a ∇log p(x), 2a I): -|r|² / (4a), summed over all entries."""
     r = to - frm.position - a * frm.grad
-    return -jnp.dot(r, r) / (4.0 * a)
+    return -jnp.vdot(r, r) / (4.0 * a)
 
 
 def _mala_step(kernel: Kernel, key: Array, state: MALAState, *args) -> tuple[MALAState, Info]:
     a = kernel.params["step_size"].astype(state.position.dtype)
-    # One draw of d + 1 normals: d for the proposal, and one whose Φ(z) ~ U(0, 1) decides
-    # acceptance (log U = log Φ(z)): a third of the random bits of a split and two draws.
-    z = jax.random.normal(key, (state.position.shape[0] + 1,), state.position.dtype)
-    x = _langevin_move(state.position, state.grad, a, z[:-1])
+    # One draw of d + 1 normals, d = position.size: d for the proposal (reshaped to the
+    # position's shape, so a (2, 3) chain draws what its flattened (6,) twin draws), and one
+    # whose Φ(z) ~ U(0, 1) decides acceptance (log U = log Φ(z)): a third of the random bits
+    # of a split and two draws.
+    position = state.position
+    z = jax.random.normal(key, (position.size + 1,), position.dtype)
+    x = _langevin_move(position, state.grad, a, z[:-1].reshape(position.shape))
     proposal = _mala_init(kernel, x, *args)
     log_ratio = (proposal.log_prob - state.log_prob
                  + _mala_log_q(state.position, proposal, a) - _mala_log_q(x, state, a))
@@ -246,7 +257,7 @@ def _annealed_step(kernel: Kernel, key: Array, state: AnnealedState, *args) -> t
     s = kernel.fn(x, sigma, *args)
     u = jax.random.normal(key, x.shape, x.dtype)
     if "snr" in p:
-        a = 2.0 * (p["snr"].astype(x.dtype) * jnp.linalg.norm(u) / jnp.linalg.norm(s)) ** 2
+        a = 2.0 * (p["snr"].astype(x.dtype) * _norm(u) / _norm(s)) ** 2
     else:
         a = (p["step_size"] * (sigma / sigmas[-1]) ** 2).astype(x.dtype)
     x = _langevin_move(x, s, a, u)
@@ -269,12 +280,12 @@ def annealed_langevin(
     Two rules for a_i; give exactly one of `step_size` and `snr`:
       geometric (Song & Ermon 2019):  a_i = step_size · σ_i² / σ_L²  (a fixed schedule);
       signal-to-noise (Song et al. 2021, the corrector of predictor-corrector sampling):
-          a_i = 2 (snr · |u| / |s(x, σ_i)|)², per chain and step, which makes the drift
+          a_i = 2 (snr · |u| / |s(x, σ_i)|)² (norms over all entries), per chain and step, which makes the drift
           exactly `snr` times the noise: |a s| = snr · sqrt(2a) |u|. Their step
           x + ε s + sqrt(2ε) z is this library's with a = ε. Typical snr: 0.05-0.2.
 
     Args:
-      score_fn: s(x, σ, *args) -> (d,); `args` come from `run_chains(..., args=)`.
+      score_fn: s(x, σ, *args) -> x.shape; `args` come from `run_chains(..., args=)`.
       sigmas: (L,) strictly decreasing noise levels (data: new values of the same L do not recompile).
       n_steps_each: Langevin steps per level, >= 1.
       step_size, snr: the rule, as above (data).
@@ -416,7 +427,7 @@ def _run(kernel: Kernel, key: Array, x0: Array, args: tuple, n_steps: int, thin:
 
 
 def shard_chains(x0: Array) -> Array:
-    """Place x0 (n_chains, d) with its chain axis split across all devices.
+    """Place x0 (n_chains, *shape) with its chain axis (the first; the others stay whole) split across all devices.
 
     With one device, or n_chains not a multiple of the device count, x0 is
     returned as it is. An x0 that already carries a sharding over several
@@ -429,7 +440,7 @@ def shard_chains(x0: Array) -> Array:
     if len(devices) == 1 or x0.shape[0] % len(devices) or (already is not None and len(already.device_set) > 1):
         return x0
     mesh = Mesh(np.asarray(devices), ("chains",))
-    return jax.device_put(x0, NamedSharding(mesh, PartitionSpec("chains", None)))
+    return jax.device_put(x0, NamedSharding(mesh, PartitionSpec("chains")))
 
 
 def _replicate_like(tree, x0: Array):
@@ -478,19 +489,19 @@ def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | 
     Args:
       kernel: a `Kernel` (e.g. `mala(log_prob_fn, step_size)`, `from_blackjax(...)`).
       key: PRNG key.
-      x0: (n_chains, d) initial positions.
+      x0: (n_chains, *shape) initial positions: (n_chains, d), (n_chains, h, w, c), ...
       n_steps: number of steps, >= 1.
       thin: keep the positions every `thin` steps (n_steps must be a multiple).
       args: a tuple of pytrees shared by all chains, passed on as `log_prob_fn(x, *args)`
         / `score_fn(x, *args)` (e.g. `(params,)` of a network).
 
     Returns:
-      (final_state, trace, info): the kernel's state with position (n_chains, d);
-      trace (n_steps // thin, n_chains, d) or None; a `ChainInfo`.
+      (final_state, trace, info): the kernel's state with position (n_chains, *shape);
+      trace (n_steps // thin, n_chains, *shape) or None; a `ChainInfo`.
     """
     kernel = _check_kernel(kernel)
     _validate.key("key", key)
-    x0 = _validate.batch("x0", x0)
+    x0 = _validate.chains("x0", x0)
     n_steps = _validate.positive_int("n_steps", n_steps)
     args = _check_args(args)
     if thin is not None:
@@ -528,7 +539,7 @@ def tune_step_size(
         `from_blackjax(blackjax.nuts, log_prob_fn, step_size=..., ...)`). A function
         step_size -> Kernel (the old form) is still accepted: it is called once.
       key: PRNG key.
-      x0: (n_chains, d) initial positions.
+      x0: (n_chains, *shape) initial positions.
       n_steps: adaptation steps, >= 1.
       target_acceptance: δ in (0, 1).
       initial_step_size: a_0 > 0; default the kernel's own step size (0.1 for the old
@@ -549,7 +560,7 @@ def tune_step_size(
     if "step_size" not in kernel.params:
         raise TypeError(f"kernel must have a step_size parameter to tune, got one with {sorted(kernel.params)}")
     _validate.key("key", key)
-    x0 = _validate.batch("x0", x0)
+    x0 = _validate.chains("x0", x0)
     n_steps = _validate.positive_int("n_steps", n_steps)
     args = _check_args(args)
     if not (isinstance(target_acceptance, (int, float)) and 0.0 < target_acceptance < 1.0):
