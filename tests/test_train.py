@@ -1,14 +1,7 @@
-"""The training loop: exact resume, kill-and-resume, the NaN guard, metrics, bad input."""
+"""The training loop: the pure step, exact resume, callbacks, EMA, damaged checkpoints, the NaN guard, bad input."""
 
 import json
-import os
-import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +13,6 @@ from flax import nnx
 import jsm
 from jsm import nets, objectives, train
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -123,104 +115,6 @@ def test_non_finite_data_is_refused(problem):
     with pytest.raises(ValueError, match="data must be finite, got 1 non-finite"):
         jsm.fit(loss, params, bad, optimizer=optax.adam(1e-3), key=jax.random.key(0), steps=5, batch_size=8,
                 has_aux=True)
-
-
-# --- the whole experiment, killed with SIGKILL at random moments ------------------
-
-SMALL = ["--steps", "300", "--checkpoint-every", "30", "--log-every", "15", "--hidden", "32,32",
-         "--n-train", "2000", "--n-test", "500", "--n-chains", "64", "--langevin-steps", "10", "--no-progress"]
-# PCD with its replay buffer: 2 evaluation segments, each resuming the run inside the script.
-SMALL_PCD = ["--method", "pcd", "--steps", "120", "--evaluations", "2", "--checkpoint-every", "10", "--log-every", "10",
-             "--hidden", "16,16", "--n-train", "1024", "--n-test", "256", "--batch-size", "64", "--buffer-size", "256",
-             "--grid-n", "32", "--long-run-chains", "64", "--steps-langevin", "5", "--no-progress"]
-
-
-def _command(script, workdir, args):
-    return [sys.executable, str(ROOT / "experiments" / script), "--workdir", str(workdir), *args]
-
-
-def _finalised_steps(checkpoints: Path):
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
-
-
-def _kill_and_resume(tmp_path, script, args, run_dir="", kill_at=()):
-    """Run once whole; run again killed 3 times and restarted with the same command each time; return
-    the two workdirs. `run_dir` is where the checkpoints live. Without `kill_at` the kills come at random
-    moments (some in a save); with it, at the chosen steps and moments of the JSM_TEST_KILL_AT hook."""
-    # A persistent compilation cache shared by the runs: each restart skips the compiles.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_command(script, whole, args), check=True, env=env, capture_output=True)
-    for spec in kill_at:
-        proc = subprocess.run(_command(script, killed, args), env=env | {"JSM_TEST_KILL_AT": spec},
-                              capture_output=True)
-        assert proc.returncode == -signal.SIGKILL, f"not killed at {spec}: {proc.stderr.decode()[-2000:]}"
-    checkpoints = killed / run_dir / "checkpoints"
-    rng, kills = random.Random(0), 0
-    while not kill_at and kills < 3:
-        proc = subprocess.Popen(_command(script, killed, args), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        before = len(_finalised_steps(checkpoints))
-        deadline = time.time() + 120
-        while len(_finalised_steps(checkpoints)) <= before and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the next chunk, or in the middle of a save
-        if proc.poll() is not None:
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-    assert kill_at or kills >= 2
-    subprocess.run(_command(script, killed, args), check=True, env=env, capture_output=True)
-    return whole / run_dir, killed / run_dir
-
-
-def _logged(run_dir: Path, *fields):
-    return [tuple(r[f] for f in fields) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
-
-
-@pytest.mark.slow
-def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
-    whole, killed = _kill_and_resume(tmp_path, "score_matching_2d.py", SMALL)
-    assert json.loads((whole / "results.json").read_text()) == json.loads((killed / "results.json").read_text())
-    assert _logged(whole, "step", "loss") == _logged(killed, "step", "loss")
-    apply, params = nets.pure(nets.MLPScore(2, (32, 32), rngs=nnx.Rngs(0)))
-    like = train.TrainState(jnp.int32(0), params, optax.adam(1e-3).init(params), jax.random.key(0))
-    a, b = (train.restore_latest(d / "checkpoints", like) for d in (whole, killed))
-    assert int(a.step) == int(b.step) == 300
-    assert_same_params(a.params, b.params)
-    assert_same_params(a.opt_state, b.opt_state)
-
-
-@pytest.mark.slow
-def test_killed_dsm_variance_reports_the_evaluations_of_an_uninterrupted_run(tmp_path):
-    """Its Fisher divergences are taken inside the run (a callback), never at a resumed checkpoint."""
-    args = ["--steps", "40", "--evaluations", "4", "--sigmas", "1.0,0.01", "--n-draws", "8", "--hidden", "8",
-            "--n-train", "512", "--n-test", "128", "--checkpoint-every", "10", "--log-every", "10", "--no-progress"]
-    whole, killed = _kill_and_resume(tmp_path, "dsm_variance.py", args, kill_at=["30", "20:during_save"])
-    assert json.loads((whole / "results.json").read_text()) == json.loads((killed / "results.json").read_text())
-    saved = json.loads((killed / "plain" / "callbacks" / "fisher.json").read_text())
-    assert [r["step"] for r in saved] == [10, 20, 30, 40]
-
-
-@pytest.mark.slow
-def test_killed_pcd_run_resumes_to_identical_parameters_and_chains(tmp_path):
-    """ebm_mle.py --method pcd, killed at chosen steps: before a save (evaluation due, metrics logged past the
-    checkpoint), in the middle of one, and right after one. The replay buffer must come back too."""
-    whole, killed = _kill_and_resume(tmp_path, "ebm_mle.py", SMALL_PCD, run_dir="pcd",
-                                     kill_at=["60", "90:during_save", "100:after_save"])
-    assert json.loads((whole.parent / "results.json").read_text()) == json.loads((killed.parent / "results.json").read_text())
-    assert _logged(whole, "step", "loss", "energy_gap") == _logged(killed, "step", "loss", "energy_gap")
-    apply, params = nets.pure(nets.MLPEnergy(2, (16, 16), rngs=nnx.Rngs(0)))
-    buffer = jnp.zeros((256, 2))
-    opt_state = optax.adam(1e-3, b1=0.5).init(params)
-    like = train.TrainState(jnp.int32(0), params, opt_state, jax.random.key(0), buffer)
-    a, b = (train.restore_latest(d / "checkpoints", like) for d in (whole, killed))
-    assert int(a.step) == int(b.step) == 120
-    assert_same_params(a.params, b.params)
-    assert_same_params(a.opt_state, b.opt_state)
-    assert_same_params(a.objective_state, b.objective_state)
 
 
 def test_nothing_recompiles_on_a_second_call(problem, tmp_path):
