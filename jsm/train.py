@@ -580,7 +580,9 @@ def fit(
     history: list[dict] = []
     if workdir is not None:
         workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
+        # Every process makes it: orbax's manager synchronises the processes only when the directory
+        # is missing, and a process that saw it made by another would skip that barrier (a deadlock).
+        (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
         metrics_path, callback_dir = workdir / "metrics.jsonl", workdir / "callbacks"
         restored, skipped = restore_newest(workdir / "checkpoints", state)
         if skipped and restored is None:

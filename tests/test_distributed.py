@@ -40,22 +40,24 @@ def _free_port() -> int:
 def _hosts(out, run, kill_at=None):
     """Two processes of one device each training together; process 1 killed at step `kill_at` if given."""
     port = _free_port()
-    procs = []
+    procs, logs = [], []
     for pid in (0, 1):
         env = _env(JSM_PROCESS=f"{pid}/2/{port}")
         if kill_at and pid == 1:
             env["JSM_TEST_KILL_AT"] = kill_at
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(out), run], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        # Output goes to files: a pipe that nobody reads while waiting on the other process fills and blocks.
+        logs.append(Path(str(out) + f".{pid}.log"))
+        with logs[-1].open("w") as log:
+            procs.append(subprocess.Popen([sys.executable, WORKER, str(out), run], env=env, stdout=log, stderr=log,
+                                          stdin=subprocess.DEVNULL))
     if kill_at:
         assert procs[1].wait(timeout=300) == -signal.SIGKILL
         time.sleep(1.0)
         procs[0].kill()  # waits on its dead peer in the next all-reduce (or is stopped by the runtime)
         procs[0].wait()
         return None
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-3000:]
+    for p, log in zip(procs, logs):
+        assert p.wait(timeout=300) == 0, log.read_text()[-3000:]
     return np.load(out)
 
 
