@@ -126,7 +126,7 @@ def test_nothing_recompiles_on_a_second_call(problem, tmp_path):
     kw = dict(optimizer=optimizer, key=jax.random.key(0), batch_size=32, workdir=tmp_path, checkpoint_every=20,
               log_every=10, progress=False, has_aux=True)
     jsm.fit(loss, params, data, steps=20, **kw)
-    chunk = train._make_chunk(loss, optimizer, 32, 10, False, True, None)
+    chunk = train._make_chunk(loss, optimizer, 32, 10, False, True, None, None)
     assert chunk._cache_size() == 1
     jsm.fit(loss, params, data, steps=40, **kw)  # resumes in the same process
     assert chunk._cache_size() == 1
