@@ -31,6 +31,16 @@ it reads fn's jaxpr and interprets it. Four rules cover every primitive:
 Calls (jit, checkpoint, custom_vjp) are interpreted through their inner jaxpr.
 The result is differentiable in anything fn closes over (parameters): the jet is
 ordinary JAX code.
+
+The seed's Jacobian ∂x/∂x = I is never built per example: it is kept symbolic (a
+batch-shared matrix) until the first affine op, which turns it into that op's own
+Jacobian, computed once and shared by the batch (for x @ W: W). `chunk_size` pushes the
+Jacobian's columns through in blocks (a seed of c rows of I per block, the Laplacian
+summed over blocks), bounding memory by n·c·width instead of n·d·width.
+
+`forward_jet` (one example) folds too: under `jax.vmap` it calls `forward_jet_batch` on
+the whole batch (`jax.custom_batching.custom_vmap`), so `jax.vmap(forward_jet(f))` and
+`jax.grad` of a loss built from it take the folded path.
 """
 
 from __future__ import annotations
@@ -44,13 +54,21 @@ from jax.extend import core as jcore
 Array = jax.Array
 
 
+class _Seed(NamedTuple):
+    """A Jacobian the same for every example, rows (c, ...) without a batch axis: the seed's
+    ∂x/∂x (all d columns of I, or one block of them with `chunk_size`), and what affine ops with
+    constant operands make of it (x @ W: the rows of W)."""
+
+    rows: Array
+
+
 class Jet(NamedTuple):
     """A value with its Jacobian (leading axis d: ∂value/∂x_k) and its Laplacian Σ_k ∂²value/∂x_k²."""
 
     value: Array
     # Inside the interpreter, None marks a value that depends on x but carries no derivative
-    # (an index, a mask, a stop_gradient), and "identity" the seed's ∂x/∂x = I, kept symbolic.
-    jacobian: Array | str | None
+    # (an index, a mask, a stop_gradient), and a `_Seed` a Jacobian shared by the batch (x's own).
+    jacobian: Array | _Seed | None
     laplacian: Array | None  # None when only first order is propagated
 
 
@@ -79,60 +97,184 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
           "custom_vjp_call_jaxpr": "fun_jaxpr"}
 
 
-def forward_jet(fn: Callable[[Array], Array], second_order: bool = True) -> Callable[[Array], Jet]:
+def forward_jet(
+    fn: Callable[[Array], Array], second_order: bool = True, *, chunk_size: int | None = None
+) -> Callable[[Array], Jet]:
     """x -> Jet(fn(x), ∂fn/∂x, Δfn(x)) for x of shape (d,), in one forward pass.
 
     The Jacobian has shape (d,) + fn(x).shape: for a scalar energy it is ∇f. With
     `second_order=False` only (value, Jacobian) are propagated (the Laplacian is None).
-    Under `jax.vmap` prefer `forward_jet_batch`, which folds the batch into the
-    Jacobian's matrix products itself.
+    Under `jax.vmap` it runs `forward_jet_batch` on the whole batch (see `folded`).
+    `chunk_size` as in `forward_jet_batch`.
     """
-    batch = forward_jet_batch(fn, second_order)
+    one = folded(lambda f: forward_jet_batch(f, second_order, chunk_size=chunk_size), fn)
 
     def jet(x: Array) -> Jet:
         if jnp.ndim(x) != 1:
             raise ValueError(f"x must be ONE example of shape (d,), got shape {jnp.shape(x)}; batch with jax.vmap")
-        return jax.tree.map(lambda a: a[0], batch(x[None]))
+        return one(x)
 
     return jet
 
 
-def forward_jet_batch(fn: Callable[[Array], Array], second_order: bool = True) -> Callable[[Array], Jet]:
+def forward_jet_batch(
+    fn: Callable[[Array], Array], second_order: bool = True, *, chunk_size: int | None = None
+) -> Callable[[Array], Jet]:
     """xs -> the jets of fn at every row of xs (n, d): value (n, ...), Jacobian (n, d, ...), Laplacian (n, ...).
 
     fn acts on ONE example; the batch is carried explicitly, so that a Jacobian
     pushed through a matrix product with constant weights is ONE product of shape
     (n·d, in) x (in, out), and so is its transpose in the parameter gradient.
+
+    Args:
+      fn: a function of ONE example (d,) returning one array.
+      second_order: propagate the Laplacian too (else it is None).
+      chunk_size: push the d Jacobian columns through in blocks of this many (a `lax.map`
+        over blocks, each rematerialised in the backward pass), so that the intermediate
+        Jacobians hold n·chunk_size rows instead of n·d: memory bounded at large d, for the
+        cost of one extra forward pass of fn per block (and the recomputed forward in a
+        parameter gradient). None: all d at once.
     """
+    _chunk_size(chunk_size)
 
     def jets(xs: Array) -> Jet:
-        if jnp.ndim(xs) != 2:
-            raise ValueError(f"xs must be a batch of shape (n, d), got shape {jnp.shape(xs)}")
-        n, d = xs.shape
-        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((d,), xs.dtype))
-        if len(closed.jaxpr.outvars) != 1:
-            raise ValueError(f"fn must return one array, got {len(closed.jaxpr.outvars)} outputs")
-        seed = Jet(xs, _IDENTITY, jnp.zeros_like(xs) if second_order else None)
-        (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order)
-        if isinstance(out, Jet) and out.jacobian is not None:
-            return Jet(out.value, _materialize(out, n, d), out.laplacian)
-        # No derivative: fn depends on x only through stop_gradient or integers (a batched value),
-        # or not at all (a constant, broadcast over the batch).
-        value = out.value if isinstance(out, Jet) else jnp.broadcast_to(out, (n,) + jnp.shape(out))
-        zeros = jnp.zeros_like(value)
-        return Jet(value, jnp.zeros((n, d) + value.shape[1:], value.dtype), zeros if second_order else None)
+        def block(out: Jet, rows: Array):
+            return out.value, out.laplacian, out.jacobian
+
+        value, laplacian, jacobian = _by_blocks(fn, xs, second_order, chunk_size, block)
+        return Jet(value, jacobian, laplacian)
 
     return jets
 
 
-# The seed's Jacobian, ∂x/∂x = I, kept symbolic: the first product x @ W then costs d x in x out once,
-# not once per example.
-_IDENTITY = "identity"
+def laplacian_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None) -> Callable[[Array], Array]:
+    """xs (n, d) -> Δfn(x_i) (n, ...): `forward_jet_batch(fn)(xs).laplacian`, the Jacobian not kept."""
+    _chunk_size(chunk_size)
+
+    def lap(xs: Array) -> Array:
+        return _by_blocks(fn, xs, True, chunk_size, lambda out, rows: (out.value, out.laplacian, None))[1]
+
+    return lap
 
 
-def _materialize(jet: Jet, n: int, d: int) -> Array:
-    if isinstance(jet.jacobian, str):
-        return jnp.broadcast_to(jnp.eye(d, dtype=jet.value.dtype), (n, d, d))
+def divergence_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None) -> Callable[[Array], tuple[Array, Array]]:
+    """xs (n, d) -> (v(x_i) (n, d), tr ∂v/∂x (x_i) (n,)) for v = fn: (d,) -> (d,), by a first-order jet.
+
+    Each block of c Jacobian columns (rows e_k of I) contributes Σ_k e_k · ∂v/∂x_k, so with
+    `chunk_size` the (n, d, d) Jacobian is never held whole: memory n·c·width per layer.
+    """
+    _chunk_size(chunk_size)
+
+    def both(xs: Array) -> tuple[Array, Array]:
+        def block(out: Jet, rows: Array):
+            if out.value.shape[1:] != rows.shape[1:]:
+                raise ValueError(f"fn must map (d,) to (d,), got output shape {out.value.shape[1:]} for d = {rows.shape[1]}")
+            return out.value, jnp.einsum("ncd,cd->n", out.jacobian, rows), None
+
+        value, div, _ = _by_blocks(fn, xs, False, chunk_size, block)
+        return value, div
+
+    return both
+
+
+def _chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+
+
+def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block):
+    """Push the jet of fn at xs along the d columns of I, all at once or `chunk_size` at a time.
+
+    block(out, rows) -> (value, summed, stacked): what one pass along the rows (c, d) of I keeps,
+    with `summed` (n, ...) added over blocks (Laplacians, traces) and `stacked` (n, c, ...)
+    joined along its axis 1 (Jacobians); either may be None.
+    """
+    if jnp.ndim(xs) != 2:
+        raise ValueError(f"xs must be a batch of shape (n, d), got shape {jnp.shape(xs)}")
+    n, d = xs.shape
+    closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((d,), xs.dtype))
+    if len(closed.jaxpr.outvars) != 1:
+        raise ValueError(f"fn must return one array, got {len(closed.jaxpr.outvars)} outputs")
+
+    def columns(rows: Array):
+        seed = Jet(xs, _Seed(rows), jnp.zeros_like(xs) if second_order else None)
+        (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order)
+        return block(_output(out, n, rows.shape[0], second_order), rows)
+
+    c = d if chunk_size is None else min(chunk_size, d)
+    if c == d:
+        return columns(jnp.eye(d, dtype=xs.dtype))
+    blocks = -(-d // c)  # the last block padded with zero rows: zero columns, nothing summed
+    value, summed, stacked = jax.lax.map(
+        jax.checkpoint(columns), jnp.eye(blocks * c, d, dtype=xs.dtype).reshape(blocks, c, d))
+    if stacked is not None:
+        stacked = jnp.moveaxis(stacked, 0, 1)  # (n, blocks, c, ...)
+        stacked = stacked.reshape((n, blocks * c) + stacked.shape[3:])[:, :d]
+    return value[0], None if summed is None else jnp.sum(summed, axis=0), stacked
+
+
+def folded(make: Callable[[Callable], Callable], fn: Callable[[Array], Array]) -> Callable[[Array], object]:
+    """x -> make(fn)(x[None]) at its one row, for a `make(fn)` that maps a batch xs (n, d) of fn's
+    inputs to a pytree of (n, ...) results and commutes with vmap. Under `jax.vmap` the whole batch
+    goes through make(fn) at once, the batch folded into its matrix products
+    (`jax.custom_batching.custom_vmap`), also inside a `jax.grad` that is OUTSIDE the vmap.
+
+    Parameters fn closes over that are batched too (`jax.vmap` over an ensemble's parameters) take
+    the per-example route: correct, not folded. custom_vmap has no reverse mode, so where the
+    innermost transformation is reverse-mode AD (`jax.grad` of ONE example's value, or
+    `jax.vmap(jax.grad(...))`) the per-example route is taken too, as it is for a `jax.jit`-ed
+    function of one example that is later differentiated by reverse mode inside a vmap.
+    """
+
+    def plain(x: Array, f: Callable) -> object:
+        return jax.tree.map(lambda a: a[0], make(f)(x[None]))
+
+    def one(x: Array) -> object:
+        if _reverse_mode():
+            return plain(x, fn)
+        fn_c, consts = jax.closure_convert(fn, x)  # parameters as explicit inputs, to see if they are batched
+
+        @jax.custom_batching.custom_vmap
+        def per_example(x, consts):
+            return plain(x, lambda z: fn_c(z, *consts))
+
+        @per_example.def_vmap
+        def batched(axis_size, in_batched, xs, consts):
+            x_batched, consts_batched = in_batched
+            if x_batched and not any(consts_batched):
+                out = make(lambda z: fn_c(z, *consts))(xs)
+            else:
+                axes = (0 if x_batched else None, [0 if b else None for b in consts_batched])
+                out = jax.vmap(lambda x, c: plain(x, lambda z: fn_c(z, *c)), in_axes=axes)(xs, consts)
+            return out, jax.tree.map(lambda _: True, out)
+
+        return per_example(x, list(consts))
+
+    return one
+
+
+def _reverse_mode() -> bool:
+    """Is the innermost transformation reverse-mode AD (linearize), which custom_vmap cannot take?"""
+    try:
+        from jax._src import core as _core  # no public API says which trace is current
+        return type(_core.trace_ctx.trace).__name__ == "LinearizeTrace"
+    except Exception:  # noqa: BLE001 - unknown JAX internals: take the route that always works
+        return True
+
+
+def _output(out, n: int, c: int, second_order: bool) -> Jet:
+    if isinstance(out, Jet) and out.jacobian is not None:
+        return Jet(out.value, _materialize(out, n, c), out.laplacian)
+    # No derivative: fn depends on x only through stop_gradient or integers (a batched value),
+    # or not at all (a constant, broadcast over the batch).
+    value = out.value if isinstance(out, Jet) else jnp.broadcast_to(out, (n,) + jnp.shape(out))
+    zeros = jnp.zeros_like(value)
+    return Jet(value, jnp.zeros((n, c) + value.shape[1:], value.dtype), zeros if second_order else None)
+
+
+def _materialize(jet: Jet, n: int, c: int) -> Array:
+    if isinstance(jet.jacobian, _Seed):
+        return jnp.broadcast_to(jet.jacobian.rows, (n,) + jet.jacobian.rows.shape)
     return jet.jacobian
 
 
@@ -191,7 +333,7 @@ def _substitute(values: list, positions: list[int], new) -> list:
 
 
 def _width(jet: Jet) -> int:
-    return jet.value.shape[-1] if isinstance(jet.jacobian, str) else jet.jacobian.shape[1]
+    return jet.jacobian.rows.shape[0] if isinstance(jet.jacobian, _Seed) else jet.jacobian.shape[1]
 
 
 def _affine_in(eqn, varying: list[int]) -> bool:
@@ -212,14 +354,14 @@ def _affine_folded(eqn, inputs, varying, n, second_order) -> list[Jet]:
     zeros = tuple(jnp.zeros(j.value.shape[1:], j.value.dtype) for j in jets)
     linear = lambda *ts: jax.jvp(op, zeros, ts)[1]
     values = jax.vmap(op)(*(j.value for j in jets))
-    if len(jets) == 1 and isinstance(jets[0].jacobian, str):  # x itself: the product with I, once
-        d = jets[0].value.shape[-1]
-        columns = jax.vmap(linear)(jnp.eye(d, dtype=jets[0].value.dtype))
-        jacobians = [jnp.broadcast_to(c, (n,) + c.shape) for c in columns]
+    if len(jets) == 1 and isinstance(jets[0].jacobian, _Seed):
+        # A Jacobian shared by the batch (x's own, or x's through affine ops): pushed once, not
+        # once per example; for x @ W + b it is W, still shared. The first non-affine op broadcasts it.
+        jacobians = [_Seed(c) for c in jax.vmap(linear)(jets[0].jacobian.rows)]
     else:
-        d = next(_width(j) for j in jets if not isinstance(j.jacobian, str))
-        folded = [_materialize(j, n, d).reshape((n * d,) + j.value.shape[1:]) for j in jets]
-        jacobians = [c.reshape((n, d) + c.shape[1:]) for c in jax.vmap(linear)(*folded)]
+        d = _width(jets[0])
+        flat = [_materialize(j, n, d).reshape((n * d,) + j.value.shape[1:]) for j in jets]
+        jacobians = [c.reshape((n, d) + c.shape[1:]) for c in jax.vmap(linear)(*flat)]
     laplacians = jax.vmap(linear)(*(j.laplacian for j in jets)) if second_order else (None,) * len(values)
     return [Jet(v, jac, lap) if _is_float(v) else Jet(v, None, None)
             for v, jac, lap in zip(values, jacobians, laplacians)]

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jsm import _validate
-from jsm.forward import forward_jet, forward_jet_batch
+from jsm.forward import divergence_batch, folded, forward_jet_batch, laplacian_batch
 
 Array = jax.Array
 EnergyFn = Callable[[Array], Array]
@@ -83,27 +83,37 @@ def _batch(xs: Array) -> None:
         raise ValueError(f"xs must be a batch of shape (n, d), got shape {jnp.shape(xs)}")
 
 
-def batch_value_and_divergence(vector_fn: VectorFn, method: str = "auto") -> Callable[[Array], tuple[Array, Array]]:
+def _chunk_for(method: str, chunk_size: int | None) -> None:
+    if chunk_size is not None and method != "forward":
+        raise ValueError(f'chunk_size applies to method="forward" (or "auto") only, got method={method!r}')
+
+
+def batch_value_and_divergence(
+    vector_fn: VectorFn, method: str = "auto", *, chunk_size: int | None = None
+) -> Callable[[Array], tuple[Array, Array]]:
     """xs (n, d) -> (v(x_i) stacked (n, d), tr ∂v/∂x at every x_i (n,)), the trace exact.
 
     v is a function of ONE example, treated as an opaque vector field: with "forward",
     one first-order forward jet (value and Jacobian). For the score of an energy use
-    `batch_score_and_divergence_of_energy`, several times cheaper.
+    `batch_score_and_divergence_of_energy`, several times cheaper. `chunk_size` ("forward"
+    only): push the Jacobian's columns in blocks of this many, bounding memory at large d
+    (`jsm.forward.divergence_batch`).
     """
     exact = resolve_method(method)
+    _chunk_for(exact, chunk_size)
+    forward = divergence_batch(vector_fn, chunk_size=chunk_size) if exact == "forward" else None
 
     def both(xs: Array) -> tuple[Array, Array]:
         _batch(xs)
-        if exact == "forward":
-            jet = forward_jet_batch(vector_fn, second_order=False)(xs)
-            return jet.value, jnp.trace(jet.jacobian, axis1=1, axis2=2)
+        if forward is not None:
+            return forward(xs)
         return jax.vmap(vector_fn)(xs), jax.vmap(_jacobian_trace(vector_fn, exact))(xs)
 
     return both
 
 
 def batch_score_and_divergence_of_energy(
-    energy_fn: EnergyFn, method: str = "auto"
+    energy_fn: EnergyFn, method: str = "auto", *, chunk_size: int | None = None
 ) -> Callable[[Array], tuple[Array, Array]]:
     """xs (n, d) -> (s(x_i) = -∇f(x_i) stacked (n, d), tr ∂s/∂x = -Δf(x_i) (n,)), the trace exact.
 
@@ -111,15 +121,17 @@ def batch_score_and_divergence_of_energy(
     "forward" ("auto"), ONE second-order forward jet of f gives ∇f and Δf together,
     without building the gradient's graph. Equal to
     `batch_value_and_divergence(score_of(f), method)`, which differentiates -∇f instead.
+    `chunk_size` as in `batch_value_and_divergence`.
     """
     exact = resolve_method(method)
+    _chunk_for(exact, chunk_size)
     grad_f = jax.grad(energy_fn)
     lap = None if exact == "forward" else laplacian(energy_fn, exact)
 
     def both(xs: Array) -> tuple[Array, Array]:
         _batch(xs)
         if exact == "forward":
-            jet = forward_jet_batch(energy_fn)(xs)
+            jet = forward_jet_batch(energy_fn, chunk_size=chunk_size)(xs)
             return -jet.jacobian, -jet.laplacian
         return -jax.vmap(grad_f)(xs), -jax.vmap(lap)(xs)
 
@@ -132,47 +144,61 @@ def _jacobian_trace(vector_fn: VectorFn, method: str) -> Callable[[Array], Array
     return lambda x: jnp.trace(jacobian(x))
 
 
-def divergence(vector_fn: VectorFn, method: str = "auto") -> Callable[[Array], Array]:
+def divergence(vector_fn: VectorFn, method: str = "auto", *, chunk_size: int | None = None) -> Callable[[Array], Array]:
     """x -> tr(∂v/∂x) = Σ_i ∂v_i/∂x_i, exactly.
+
+    With "forward", `jax.vmap` of it folds the batch into the jet's matrix products
+    (`jsm.forward.folded`): as fast as `batch_value_and_divergence`, also under a `jax.grad`
+    taken outside the vmap.
 
     Args:
       vector_fn: v, a map (d,) -> (d,).
       method: one of `EXACT_METHODS` or "auto".
+      chunk_size: "forward" only: Jacobian columns per block (memory bound at large d); None: all.
 
     Returns:
       A function of x with shape (d,) returning a scalar.
     """
-    both = batch_value_and_divergence(vector_fn, method)  # validates `method`
-    reference = _jacobian_trace(vector_fn, method) if method in ("jacfwd", "jacrev") else None
+    exact = resolve_method(method)
+    _chunk_for(exact, chunk_size)
+    if exact == "forward":
+        one = folded(lambda v: (lambda xs: divergence_batch(v, chunk_size=chunk_size)(xs)[1]), vector_fn)
+    else:
+        one = _jacobian_trace(vector_fn, exact)
 
     def div(x: Array) -> Array:
         _example(x)
-        return reference(x) if reference is not None else both(x[None])[1][0]
+        return one(x)
 
     return div
 
 
-def laplacian(energy: EnergyFn, method: str = "auto") -> Callable[[Array], Array]:
+def laplacian(energy: EnergyFn, method: str = "auto", *, chunk_size: int | None = None) -> Callable[[Array], Array]:
     """x -> Δf(x) = Σ_i ∂²f/∂x_i², exactly: the divergence of ∇f.
 
-    Note tr(∂s/∂x) = -Δf for the score s = -∇f.
+    Note tr(∂s/∂x) = -Δf for the score s = -∇f. With "forward", `jax.vmap` of it folds the
+    batch into the jet's matrix products (`jsm.forward.folded`), also under a `jax.grad`
+    taken outside the vmap.
 
     Args:
       energy: f, a map (d,) -> ().
       method: one of `EXACT_METHODS` or "auto" (the forward Laplacian).
+      chunk_size: "forward" only: Jacobian columns per block (memory bound at large d); None: all.
 
     Returns:
       A function of x with shape (d,) returning a scalar.
     """
-    if resolve_method(method) == "forward":
-        jet = forward_jet(energy)
+    exact = resolve_method(method)
+    _chunk_for(exact, chunk_size)
+    if exact != "forward":
+        return divergence(jax.grad(energy), exact)
+    one = folded(lambda f: laplacian_batch(f, chunk_size=chunk_size), energy)
 
-        def lap(x: Array) -> Array:
-            _example(x)
-            return jet(x).laplacian
+    def lap(x: Array) -> Array:
+        _example(x)
+        return one(x)
 
-        return lap
-    return divergence(jax.grad(energy), method)
+    return lap
 
 
 def hutchinson_divergence(

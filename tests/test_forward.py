@@ -82,6 +82,12 @@ FUNCTIONS = {
     "calls": lambda x: jnp.sum(jax.jit(jnp.cosh)(x) * jax.checkpoint(jnp.tanh)(x)) + jnp.sum(_sin(x) ** 2),
     "vector_output": lambda x: jnp.tanh(jnp.outer(x, x[::-1]) @ x),
     "stop_gradient": lambda x: jnp.sum(x**3 * jax.lax.stop_gradient(x)),
+    # The batch-shared Jacobian of x (the seed) through affine ops before any nonlinearity: a product with
+    # constants, a bias, reversal, a slice, a convolution, x used twice (x + 2x; x @ W.T beside x itself).
+    "shared_seed": lambda x: jnp.sum(jnp.tanh((x @ W.T + 1.0)[::-1]) ** 2)
+                             + jnp.sum(jnp.convolve(x, jnp.array([0.5, -1.0, 2.0])) ** 3)
+                             + jnp.sum((x + 2 * x)[1:3] ** 3) + jnp.sum(jnp.tanh(x @ W.T) * (x[:3] + 1)),
+    "identity": lambda x: x,
 }
 
 
@@ -194,3 +200,89 @@ def test_bad_input_names_the_argument():
         forward.forward_jet_batch(jnp.sum)(jnp.zeros(3))
     with pytest.raises(ValueError, match="fn must return one array, got 2 outputs"):
         forward.forward_jet(lambda x: (x, x))(jnp.zeros(3))
+
+
+def _chunked_cases():
+    apply, params = mlp_energy()
+    return [(lambda x: apply(params, x), "mlp"), (FUNCTIONS["shared_seed"], "shared_seed"),
+            (FUNCTIONS["vector_output"], "vector_output")]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 8])
+def test_chunked_jets_equal_unchunked(chunk_size, points):
+    """Columns pushed in blocks (the last one padded when chunk_size does not divide d = 5)."""
+    for fn, _ in _chunked_cases():
+        whole = jax.jit(forward.forward_jet_batch(fn))(points)
+        chunked = jax.jit(forward.forward_jet_batch(fn, chunk_size=chunk_size))(points)
+        lap = jax.jit(forward.laplacian_batch(fn, chunk_size=chunk_size))(points)
+        chex.assert_trees_all_equal_shapes(tuple(chunked), tuple(whole))
+        for a, b in zip((*chunked, lap), (*whole, whole.laplacian)):
+            np.testing.assert_allclose(a, b, rtol=tol(1e-5, 1e-12), atol=tol(1e-6, 1e-12))
+
+
+@pytest.mark.numerics
+def test_chunked_divergence_and_its_parameter_gradient(key):
+    """divergence_batch (the trace summed block by block) against jacfwd, and ∇_θ through the
+    rematerialised lax.map against the unchunked jet."""
+    s_apply, s_params = nets.pure(nets.MLPScore(5, (16, 16), rngs=nnx.Rngs(2)))
+    s_params = in_default_float(s_params)
+    xs = jax.random.normal(key, (4, 5))
+    want = jax.vmap(lambda x: jnp.trace(jax.jacfwd(lambda z: s_apply(s_params, z))(x)))(xs)
+    for c in (None, 2, 3):
+        value, div = jax.jit(forward.divergence_batch(lambda x: s_apply(s_params, x), chunk_size=c))(xs)
+        np.testing.assert_allclose(div, want, rtol=tol(1e-5, 1e-11), atol=tol(1e-6, 1e-12))
+        np.testing.assert_allclose(value, jax.vmap(lambda x: s_apply(s_params, x))(xs), rtol=tol(1e-6, 1e-12))
+    apply, params = mlp_energy()
+    loss = lambda p, c: jnp.sum(forward.laplacian_batch(lambda x: apply(p, x), chunk_size=c)(xs) ** 2)
+    got, ref = jax.jit(jax.grad(lambda p: loss(p, 2)))(params), jax.jit(jax.grad(lambda p: loss(p, None)))(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
+
+
+@pytest.mark.numerics
+def test_vmapped_jets_take_the_folded_path_and_differentiate(key):
+    """jax.vmap of the per-example jet IS the batched jet (custom_vmap): the same values, ONE
+    (n·d, h) product per layer in its jaxpr, and parameter gradients (grad outside the vmap) equal
+    to jacfwd's. Reverse mode inside the vmap (per-example ∇_x Δf) and a vmap over an ensemble's
+    parameters take the per-example route, and are right too."""
+    apply, params = mlp_energy()
+    xs = jax.random.normal(key, (6, 5))
+    lap = lambda p: jsm.laplacian(lambda x: apply(p, x), "forward")
+    vmapped = jax.jit(jax.vmap(lap(params)))(xs)
+    np.testing.assert_allclose(vmapped, forward.laplacian_batch(lambda x: apply(params, x))(xs),
+                               rtol=tol(1e-6, 1e-12), atol=tol(1e-6, 1e-12))
+    jaxpr = jax.make_jaxpr(jax.vmap(lap(params)))(xs).jaxpr
+    assert not any(e.primitive.name == "custom_vmap_call" for e in jaxpr.eqns)
+    assert (6 * 5, 16) in {tuple(e.invars[0].aval.shape) for e in jaxpr.eqns if e.primitive.name == "dot_general"}
+    fwd = lambda p: jnp.sum(jax.vmap(lap(p))(xs) ** 2)
+    ref = lambda p: jnp.sum(jax.vmap(jsm.laplacian(lambda x: apply(p, x), "jacfwd"))(xs) ** 2)
+    for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(fwd))(params)), jax.tree.leaves(jax.jit(jax.grad(ref))(params))):
+        np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
+    # The divergence of a score network, vmapped and differentiated in its parameters.
+    s_apply, s_params = nets.pure(nets.MLPScore(5, (16, 16), rngs=nnx.Rngs(2)))
+    s_params = in_default_float(s_params)
+    div = lambda p, m: jnp.sum(jax.vmap(jsm.divergence(lambda x: s_apply(p, x), m))(xs) ** 2)
+    np.testing.assert_allclose(div(s_params, "forward"), div(s_params, "jacfwd"), rtol=tol(1e-5, 1e-11))
+    got, want = jax.jit(jax.grad(div), static_argnums=1)(s_params, "forward"), jax.grad(div)(s_params, "jacfwd")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
+    # Reverse mode inside the vmap: ∇_x Δf per example.
+    got = jax.jit(jax.vmap(jax.grad(lap(params))))(xs)
+    want = jax.vmap(jax.grad(jsm.laplacian(lambda x: apply(params, x), "jacfwd")))(xs)
+    np.testing.assert_allclose(got, want, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
+    # An ensemble: the parameters batched too.
+    ensemble = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
+    got = jax.jit(jax.vmap(lambda p: jax.vmap(lap(p))(xs)))(ensemble)
+    want = jax.vmap(lambda p: jax.vmap(jsm.laplacian(lambda x: apply(p, x), "jacfwd"))(xs))(ensemble)
+    np.testing.assert_allclose(got, want, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
+    # Parameters and x batched by the same vmap (one member per example): the per-example route.
+    got = jax.jit(jax.vmap(lambda p, x: lap(p)(x)))(ensemble, xs[:2])
+    np.testing.assert_allclose(got, jnp.diagonal(want[:, :2]), rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
+
+
+def test_bad_chunk_size_names_the_argument():
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1 or None, got 0"):
+        forward.forward_jet_batch(jnp.sum, chunk_size=0)
+    with pytest.raises(ValueError, match='chunk_size applies to method="forward"'):
+        jsm.laplacian(jnp.sum, "jacfwd", chunk_size=2)

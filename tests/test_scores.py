@@ -79,6 +79,22 @@ def test_score_and_divergence_of_an_energy(mixture2, method, key):
     np.testing.assert_allclose(div, want_div, rtol=tol(2e-4, 1e-10), atol=tol(2e-4, 1e-10))
 
 
+@pytest.mark.numerics
+def test_chunked_traces_equal_unchunked(mixture2, key):
+    """chunk_size (Jacobian columns per block) changes memory, not the answer: d = 5 in blocks of 2."""
+    apply, params = nets.pure(nets.MLPEnergy(5, (16, 16), rngs=nnx.Rngs(1)))
+    energy = lambda x: apply(params, x)
+    xs = jax.random.normal(key, (8, 5))
+    for chunked, whole in [
+        (jax.vmap(jsm.laplacian(energy, chunk_size=2)), jax.vmap(jsm.laplacian(energy))),
+        (jax.vmap(jsm.divergence(jsm.score_of(energy), chunk_size=2)), jax.vmap(jsm.divergence(jsm.score_of(energy)))),
+        (scores.batch_score_and_divergence_of_energy(energy, chunk_size=2), scores.batch_score_and_divergence_of_energy(energy)),
+        (scores.batch_value_and_divergence(jsm.score_of(energy), chunk_size=3), scores.batch_value_and_divergence(jsm.score_of(energy))),
+    ]:
+        for a, b in zip(jax.tree.leaves(jax.jit(chunked)(xs)), jax.tree.leaves(jax.jit(whole)(xs))):
+            np.testing.assert_allclose(a, b, rtol=tol(1e-5, 1e-12), atol=tol(1e-6, 1e-12))
+
+
 def test_every_exact_trace_defaults_to_auto():
     """One default for every exact-trace entry point."""
     for fn in (jsm.divergence, jsm.laplacian, scores.batch_value_and_divergence,

@@ -16,6 +16,21 @@ one training step's loss and its gradient with respect to θ:
 A second table does the same for a score NETWORK s_θ: (d,) -> (d,) (ISM with
 tr ∂s/∂x by "forward", "jacfwd" and "jacrev"): the measurements behind `method="auto"`.
 
+An INFERENCE table (no parameter gradient) times the Laplacian alone on two networks, the
+energy above (batch 256) and a wide one (tanh, d -> 768-768-512-512 -> 1, batch 64):
+  forward    `jsm.forward.laplacian_batch(f)(xs)` (= forward_jet_batch(f)(xs).laplacian)
+  vmapped    `jax.vmap(jsm.laplacian(f, method="forward"))(xs)` (custom_vmap: the batched path)
+  folx       `jax.vmap(folx.forward_laplacian(f))(xs).laplacian`
+  jacfwd     `jax.vmap(jsm.laplacian(f, method="jacfwd"))(xs)`
+and the divergence of a score network (first-order jet; the likelihood's trace): forward
+(`jsm.forward.divergence_batch`), vmapped (`jax.vmap(jsm.divergence(s, "forward"))`), jacfwd.
+All methods of one row are timed in ONE process, interleaved rep by rep (median and min of
+the reps), so that the ratios hold on a shared machine.
+
+A MEMORY table: XLA's compiled memory (`memory_analysis()`: temporaries + arguments + outputs)
+of the Laplacian at d in {128, 512, 2048} (energy net), forward unchunked and with
+`chunk_size=128`, folx and jacfwd, each also with its parameter gradient, and its time.
+
 Reported: milliseconds per step, the ratio to DSM, and the ratio to a FLOP lower bound
 of an exact Laplacian at the machine's measured matmul throughput. The bound counts the
 dense products any exact method must do: the value (2 b (d h + 2 h² + h)) and the d
@@ -27,6 +42,8 @@ Jacobian columns through the two h x h layers (2 b d · 2 h²), times 3 for the 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -83,18 +100,113 @@ def lower_bound_flops(d: int, h: int = 128) -> float:
     return 3 * (value + jacobian)
 
 
+WIDE, WIDE_BATCH = (768, 768, 512, 512), 64
+
+
+def interleaved(fns: dict, *args, reps: int = 7) -> dict:
+    """{name: (median s, min s)} of each fn(*args), compiled first, then timed rep by rep in turn."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def inference_laplacians(apply) -> dict:
+    energy = lambda p: (lambda x: apply(p, x))
+    out = {
+        "forward": lambda p, xs: jsm.forward.laplacian_batch(energy(p))(xs),
+        "vmapped": lambda p, xs: jax.vmap(jsm.laplacian(energy(p), method="forward"))(xs),
+        "jacfwd": lambda p, xs: jax.vmap(jsm.laplacian(energy(p), method="jacfwd"))(xs),
+    }
+    if folx_laplacian(lambda x: x.sum()) is not None:
+        out["folx"] = lambda p, xs: jax.vmap(folx_laplacian(energy(p)))(xs)
+    return out
+
+
+def inference_divergences(apply) -> dict:
+    field = lambda p: (lambda x: apply(p, x))
+    return {
+        "forward": lambda p, xs: jsm.forward.divergence_batch(field(p))(xs)[1],
+        "vmapped": lambda p, xs: jax.vmap(jsm.divergence(field(p), method="forward"))(xs),
+        "jacfwd": lambda p, xs: jax.vmap(jsm.divergence(field(p), method="jacfwd"))(xs),
+    }
+
+
+def inference_table(dims, reps: int) -> list[dict]:
+    rows = []
+    nets_ = [("energy 3x128", lambda d: nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)), BATCH, inference_laplacians),
+             ("wide tanh", lambda d: nets.MLPEnergy(d, WIDE, activation=jnp.tanh, rngs=nnx.Rngs(0)), WIDE_BATCH,
+              inference_laplacians),
+             ("score 3x128 (div)", lambda d: nets.MLPScore(d, HIDDEN, rngs=nnx.Rngs(0)), BATCH, inference_divergences)]
+    for net, build, batch, fns in nets_:
+        for d in dims:
+            apply, params = nets.pure(build(d))
+            xs = jax.random.normal(jax.random.key(0), (batch, d))
+            times = interleaved({k: jax.jit(f) for k, f in fns(apply).items()}, params, xs, reps=reps)
+            for name, (med, low) in times.items():
+                row = {"net": net, "d": d, "method": name, "ms": 1e3 * med, "ms_min": 1e3 * low,
+                       "x_jacfwd": times["jacfwd"][0] / med}
+                if "folx" in times:
+                    row["folx_over"] = times["folx"][0] / med  # > 1: faster than folx
+                    row["folx_over_min"] = times["folx"][1] / low
+                if name == "vmapped":
+                    row["x_forward"] = med / times["forward"][0]
+                rows.append(row)
+            print(f"{net} d={d}: " + ", ".join(f"{k} {1e3 * v[0]:.2f} ms" for k, v in times.items()), flush=True)
+    return rows
+
+
+def compiled_bytes(fn, *args) -> float:
+    m = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def memory_table(dims, reps: int, chunk: int = 128) -> list[dict]:
+    rows = []
+    for d in dims:
+        apply, params = nets.pure(nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)))
+        xs = jax.random.normal(jax.random.key(0), (BATCH, d))
+        energy = lambda p: (lambda x: apply(p, x))
+        laps = {"forward": lambda p, xs: jsm.forward.laplacian_batch(energy(p))(xs),
+                f"forward chunk {chunk}": lambda p, xs: jsm.forward.laplacian_batch(energy(p), chunk_size=chunk)(xs),
+                "jacfwd": lambda p, xs: jax.vmap(jsm.laplacian(energy(p), method="jacfwd"))(xs)}
+        if folx_laplacian(lambda x: x.sum()) is not None:
+            laps["folx"] = lambda p, xs: jax.vmap(folx_laplacian(energy(p)))(xs)
+        fns = {**{k: f for k, f in laps.items()},
+               **{k + " +grad": jax.grad(lambda p, xs, f=f: jnp.mean(f(p, xs))) for k, f in laps.items()}}
+        mem = {k: compiled_bytes(f, params, xs) for k, f in fns.items()}
+        times = interleaved({k: jax.jit(f) for k, f in fns.items()}, params, xs, reps=reps)
+        for name in fns:
+            base = "forward +grad" if name.endswith("+grad") else "forward"
+            rows.append({"d": d, "what": name, "MB": mem[name] / 2**20, "x_forward_MB": mem[name] / mem[base],
+                         "ms": 1e3 * times[name][0], "x_forward_time": times[name][0] / times[base][0]})
+        print(f"memory d={d}: " + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in mem.items()), flush=True)
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="2,8,32,128,512")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--score-net-dims", default="2,8,32,128",
                         help="dimensions of the score-network table ('' to skip it)")
+    parser.add_argument("--inference-dims", default="2,8,32,128,512",
+                        help="dimensions of the inference (Laplacian only) table ('' to skip it)")
+    parser.add_argument("--memory-dims", default="128,512,2048", help="dimensions of the memory table ('' to skip)")
     parser.add_argument("--out", default="runs/bench/trace_cost.json")
     args = parser.parse_args(argv)
+    dims = lambda s: [int(v) for v in s.split(",")] if s else []
+    inference = inference_table(dims(args.inference_dims), args.reps)
+    memory = memory_table(dims(args.memory_dims), args.reps)
     throughput = matmul_flops_per_second()
     rows = []
     key = jax.random.key(1)
-    for d in map(int, args.dims.split(",")):
+    for d in dims(args.dims):
         apply, params = nets.pure(nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)))
         xs = jax.random.normal(jax.random.key(0), (BATCH, d))
         times = {name: time_call(jax.jit(jax.value_and_grad(loss)), params, key, xs, reps=args.reps)
@@ -118,7 +230,16 @@ def main(argv=None) -> list[dict]:
     if args.score_net_dims:
         print("\nISM loss + parameter gradient, score network s_θ:")
         print(table([r for r in rows if r["net"] == "score"], ["d", "method", "ms", "x_jacfwd", "auto"]))
-    save(args.out, rows, matmul_flops_per_second=throughput, batch=BATCH, hidden=HIDDEN)
+    if inference:
+        print("\nInference: the Laplacian alone (and a score network's divergence), no parameter gradient;"
+              " folx_over > 1: faster than folx; one process, interleaved reps:")
+        print(table(inference, ["net", "d", "method", "ms", "ms_min", "folx_over", "folx_over_min", "x_jacfwd",
+                                "x_forward"]))
+    if memory:
+        print("\nCompiled memory (temporaries + arguments + outputs) of the Laplacian, energy 3x128, batch 256:")
+        print(table(memory, ["d", "what", "MB", "x_forward_MB", "ms", "x_forward_time"]))
+    save(args.out, rows, inference=inference, memory=memory, matmul_flops_per_second=throughput, batch=BATCH,
+         hidden=HIDDEN, wide=WIDE, wide_batch=WIDE_BATCH)
     return rows
 
 
