@@ -31,6 +31,7 @@ test: setup
 bench: setup
 	$(PY) experiments/bench/trace_cost.py $(ARGS)
 	$(PY) experiments/bench/chain_throughput.py $(ARGS)
+	$(PY) experiments/bench/likelihood_cost.py $(ARGS)
 
 test-latest:
 	$(PYTHON) -m venv .venv-latest
