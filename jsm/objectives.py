@@ -1,9 +1,14 @@
 """Score-matching objectives: explicit, implicit, denoising, noise-conditional, sliced.
 
-Each objective has a per-example form, a function of ONE example x of shape
-(d,), and a batch form over xs of shape (n, d) that returns the batch mean of
-the per-example terms. Models enter as a score function s(x) -> (d,) (close
-over the parameters; `jax.grad` with respect to them is then plain `jax.grad`).
+Each objective has a per-example form, a function of ONE example x, and a batch
+form over xs of shape (n, *shape) that returns the batch mean of the per-example
+terms. Models enter as a score function s(x) -> x.shape (close over the parameters;
+`jax.grad` with respect to them is then plain `jax.grad`). An example is a vector
+(d,) or any array, an image (h, w, c) say: `esm`, `dsm`, `ncsn` and `ssm` take
+xs of shape (n, *shape) with s acting on one example of that shape, and their
+squared norms and inner products sum over all d = prod(shape) entries. `ism`,
+`ism_energy` and `score_matching_identities` need an exact trace and take
+(n, d): flatten images first (xs.reshape(n, -1), and the score with them).
 
 The identities behind them (Hyvärinen 2005; Vincent 2011), with C independent of s:
 
@@ -46,24 +51,49 @@ def _batch_mean(per_example: Callable[..., Array], *batched: Array) -> Array:
     return jnp.mean(jax.vmap(per_example)(*batched))
 
 
+def _dot(a: Array, b: Array) -> Array:
+    """<a, b> summed over every entry: jnp.dot of the flattened arrays (unchanged for vectors)."""
+    return jnp.dot(jnp.ravel(a), jnp.ravel(b))
+
+
+def _score_at(score_fn: Callable[..., Array], x: Array, *args) -> Array:
+    """s(x, *args), checked (at trace time) to have the example's shape."""
+    s = score_fn(x, *args)
+    if jnp.shape(s) != x.shape:
+        raise ValueError(f"score_fn must map one example of shape {tuple(x.shape)} to the same shape, "
+                         f"got shape {tuple(jnp.shape(s))}")
+    return s
+
+
+def _vectors(name: str, xs, objective: str) -> Array:
+    """A batch of vectors (n, d) for the objectives whose exact trace takes vectors."""
+    shape = tuple(jnp.shape(xs))
+    if len(shape) > 2:
+        raise ValueError(
+            f"{name} must have shape (n, d) for {objective} (its exact trace takes vectors), got shape "
+            f"{shape}: flatten the examples, {name}.reshape({shape[0]}, -1), and give the score "
+            f"flat vectors too (x -> s(x.reshape(shape)).reshape(-1)), or use dsm / ncsn / ssm, which take any shape")
+    return _validate.batch(name, xs)
+
+
 # --- explicit score matching: the true score is known -------------------------
 
 
 def esm_per_example(score_fn: ScoreFn, true_score_fn: ScoreFn, x: Array) -> Array:
-    """1/2 |s(x) - ∇log p(x)|² for one x of shape (d,)."""
-    diff = score_fn(x) - true_score_fn(x)
-    return 0.5 * jnp.dot(diff, diff)
+    """1/2 |s(x) - ∇log p(x)|² for one x of any shape (the norm over all its entries)."""
+    diff = _score_at(score_fn, x) - true_score_fn(x)
+    return 0.5 * _dot(diff, diff)
 
 
 def esm(score_fn: ScoreFn, true_score_fn: ScoreFn, xs: Array) -> Array:
     """Explicit score matching, the Fisher divergence: 1/2 E_p |s(x) - ∇log p(x)|².
 
     Args:
-      score_fn: s, (d,) -> (d,).
-      true_score_fn: ∇log p, (d,) -> (d,).
-      xs: (n, d) samples of p.
+      score_fn: s, shape -> shape, for one example of shape `shape` ((d,), (h, w, c), ...).
+      true_score_fn: ∇log p, shape -> shape.
+      xs: (n, *shape) samples of p.
     """
-    xs = _validate.batch("xs", xs)
+    xs = _validate.examples("xs", xs)
     return _batch_mean(lambda x: esm_per_example(score_fn, true_score_fn, x), xs)
 
 
@@ -88,10 +118,10 @@ def ism(score_fn: ScoreFn, xs: Array, method: str = "auto") -> Array:
 
     Args:
       score_fn: s, (d,) -> (d,).
-      xs: (n, d) samples of p.
+      xs: (n, d) samples of p (flatten images first: the trace takes vectors).
       method: how the exact trace is computed.
     """
-    xs = _validate.batch("xs", xs)
+    xs = _vectors("xs", xs, "ism")
     s, div = batch_value_and_divergence(score_fn, method)(xs)
     return jnp.mean(0.5 * jnp.sum(s * s, axis=-1) + div)
 
@@ -113,10 +143,10 @@ def ism_energy(energy_fn: EnergyFn, xs: Array, method: str = "auto") -> Array:
 
     Args:
       energy_fn: f, (d,) -> ().
-      xs: (n, d) samples of p.
+      xs: (n, d) samples of p (flatten images first: the Laplacian takes vectors).
       method: how the exact Laplacian is computed (`jsm.scores.METHODS`).
     """
-    xs = _validate.batch("xs", xs)
+    xs = _vectors("xs", xs, "ism_energy")
     s, div = batch_score_and_divergence_of_energy(energy_fn, method)(xs)
     return jnp.mean(0.5 * jnp.sum(s * s, axis=-1) + div)
 
@@ -128,17 +158,17 @@ VARIANCE_REDUCTIONS = (None, "antithetic", "control_variate")
 
 
 def _denoising_term(score_at, x: Array, eps: Array, sigma, variance_reduction) -> Array:
-    """1/2 |s(x + ε) + ε/σ²|², or its variance-reduced estimator (see `dsm`)."""
-    loss = lambda e: 0.5 * jnp.sum((score_at(x + e) + e / sigma**2) ** 2)
+    """1/2 |s(x + ε) + ε/σ²|², or its variance-reduced estimator (see `dsm`); norms over all entries of x."""
+    loss = lambda e: 0.5 * jnp.sum((_score_at(score_at, x + e) + e / sigma**2) ** 2)
     if variance_reduction == "antithetic":
         return 0.5 * (loss(eps) + loss(-eps))
     if variance_reduction == "control_variate":
-        return loss(eps) - jnp.dot(eps, score_at(x)) / sigma**2
+        return loss(eps) - _dot(eps, _score_at(score_at, x)) / sigma**2
     return loss(eps)
 
 
 def dsm_per_example(score_fn: ScoreFn, x: Array, eps: Array, sigma: float, variance_reduction=None) -> Array:
-    """1/2 |s(x + ε) + ε/σ²|² for one clean x and its noise ε, both (d,) (see `dsm` for the estimators)."""
+    """1/2 |s(x + ε) + ε/σ²|² for one clean x and its noise ε, both of the example's shape (see `dsm`)."""
     return _denoising_term(score_fn, x, eps, sigma, variance_reduction)
 
 
@@ -146,7 +176,8 @@ def dsm(score_fn: ScoreFn, key: Array, xs: Array, sigma: float, variance_reducti
     """Denoising score matching (Vincent 2011): 1/2 E |s(x + ε) + ε/σ²|², ε ~ N(0, σ² I).
 
     Minimised by the score of p_σ = p * N(0, σ² I), not of p. The noise is
-    ε = σ · jax.random.normal(key, xs.shape).
+    ε = σ · jax.random.normal(key, xs.shape). Examples may have any shape (vectors,
+    images): |·|² sums over all their d = prod(shape) entries.
 
     With ε = σu the per-example term is 1/2|s(x+σu)|² + u·s(x+σu)/σ + |u|²/(2σ²): its
     cross term u·s(x)/σ has mean zero but variance |s(x)|²/σ², so the parameter
@@ -166,13 +197,13 @@ def dsm(score_fn: ScoreFn, key: Array, xs: Array, sigma: float, variance_reducti
     (antithetic), Σ the data covariance: a factor of order d / (σ² tr(AΣAᵀ)).
 
     Args:
-      score_fn: s, (d,) -> (d,).
+      score_fn: s, shape -> shape, for one example of shape `shape` ((d,), (h, w, c), ...).
       key: PRNG key for the noise.
-      xs: (n, d) clean samples of p.
+      xs: (n, *shape) clean samples of p.
       sigma: the noise scale σ > 0.
       variance_reduction: one of `VARIANCE_REDUCTIONS`.
     """
-    xs = _validate.batch("xs", xs)
+    xs = _validate.examples("xs", xs)
     _validate.key("key", key)
     _validate.positive("sigma", sigma)
     _validate.choice("variance_reduction", variance_reduction, VARIANCE_REDUCTIONS)
@@ -181,7 +212,7 @@ def dsm(score_fn: ScoreFn, key: Array, xs: Array, sigma: float, variance_reducti
 
 
 def ncsn_per_example(score_fn: NoiseScoreFn, x: Array, eps: Array, sigma: Array, variance_reduction=None) -> Array:
-    """σ² · 1/2 |s(x + ε, σ) + ε/σ²|² for one x, its noise ε (d,) and its σ ()."""
+    """σ² · 1/2 |s(x + ε, σ) + ε/σ²|² for one x and its noise ε (the example's shape) and its σ ()."""
     return sigma**2 * _denoising_term(lambda y: score_fn(y, sigma), x, eps, sigma, variance_reduction)
 
 
@@ -191,15 +222,16 @@ def ncsn(score_fn: NoiseScoreFn, key: Array, xs: Array, sigmas: Array, variance_
     1/L Σ_i λ(σ_i) J_DSM(s(·, σ_i); σ_i) with λ(σ) = σ², estimated by drawing one
     σ uniformly from `sigmas` per example. The weight σ² makes every level's term
     O(1), since |ε/σ²|² ~ d/σ². `variance_reduction` as in `dsm`, level by level.
+    Examples may have any shape; `nets.UNet` is s(x, σ) for images (h, w, c).
 
     Args:
-      score_fn: s(x, σ), ((d,), ()) -> (d,).
+      score_fn: s(x, σ), (shape, ()) -> shape, for one example of shape `shape`.
       key: PRNG key for the levels and the noise.
-      xs: (n, d) clean samples of p.
+      xs: (n, *shape) clean samples of p, e.g. (n, d) or (n, h, w, c).
       sigmas: (L,) positive noise scales, conventionally decreasing.
       variance_reduction: one of `VARIANCE_REDUCTIONS`.
     """
-    xs = _validate.batch("xs", xs)
+    xs = _validate.examples("xs", xs)
     _validate.key("key", key)
     sigmas = _validate.float_array("sigmas", sigmas, ndim=1)
     if sigmas.shape[0] == 0:
@@ -209,7 +241,7 @@ def ncsn(score_fn: NoiseScoreFn, key: Array, xs: Array, sigmas: Array, variance_
     k_level, k_noise = jax.random.split(key)
     level = jax.random.randint(k_level, (xs.shape[0],), 0, sigmas.shape[0])
     sigma = sigmas.astype(xs.dtype)[level]
-    eps = sigma[:, None] * jax.random.normal(k_noise, xs.shape, xs.dtype)
+    eps = sigma.reshape((-1,) + (1,) * (xs.ndim - 1)) * jax.random.normal(k_noise, xs.shape, xs.dtype)
     per_example = lambda x, e, s: ncsn_per_example(score_fn, x, e, s, variance_reduction)
     return _batch_mean(per_example, xs, eps, sigma)
 
@@ -218,22 +250,30 @@ def ncsn(score_fn: NoiseScoreFn, key: Array, xs: Array, sigmas: Array, variance_
 
 
 def ssm_per_example(score_fn: ScoreFn, x: Array, v: Array) -> Array:
-    """1/2 |s(x)|² + mean_j v_j^T (∂s/∂x) v_j for one x (d,) and projections v (m, d)."""
-    s, jvp = jax.linearize(score_fn, x)
-    vjv = jnp.sum(v * jax.vmap(jvp)(v), axis=-1)
-    return 0.5 * jnp.dot(s, s) + jnp.mean(vjv)
+    """1/2 |s(x)|² + mean_j v_j^T (∂s/∂x) v_j for one x of any shape and projections v (m, *x.shape)."""
+    s, jvp = jax.linearize(lambda y: _score_at(score_fn, y), x)
+    m = v.shape[0]
+    vjv = jnp.sum(v.reshape(m, -1) * jax.vmap(jvp)(v).reshape(m, -1), axis=-1)
+    return 0.5 * _dot(s, s) + jnp.mean(vjv)
 
 
 def ssm(score_fn: ScoreFn, key: Array, xs: Array, n_projections: int = 1) -> Array:
     """Sliced score matching (Song et al. 2019), the variance-reduced form.
 
     E_p [1/2 |s(x)|² + E_v v^T (∂s/∂x) v], v ~ N(0, I): an unbiased estimate of
-    J_ISM at the cost of `n_projections` JVPs per example instead of d.
+    J_ISM at the cost of `n_projections` JVPs per example instead of d. Examples may
+    have any shape; v then has the example's shape and v^T (∂s/∂x) v sums over all entries.
+
+    Args:
+      score_fn: s, shape -> shape, for one example of shape `shape`.
+      key: PRNG key for the projections v, normal(key, (n, n_projections, *shape)).
+      xs: (n, *shape) samples of p.
+      n_projections: projections per example.
     """
-    xs = _validate.batch("xs", xs)
+    xs = _validate.examples("xs", xs)
     _validate.key("key", key)
     n_projections = _validate.positive_int("n_projections", n_projections)
-    v = jax.random.normal(key, (xs.shape[0], n_projections, xs.shape[1]), xs.dtype)
+    v = jax.random.normal(key, (xs.shape[0], n_projections, *xs.shape[1:]), xs.dtype)
     return _batch_mean(lambda x, vi: ssm_per_example(score_fn, x, vi), xs, v)
 
 
@@ -316,7 +356,7 @@ def score_matching_identities(
     Returns:
       `Identities`: the measured terms, `.gap` / `.gap_noised` and their errors `.se` / `.se_noised`.
     """
-    xs = _validate.batch("xs", xs)
+    xs = _vectors("xs", xs, "score_matching_identities")
     if xs.shape[0] < 2:
         raise ValueError(f"xs must hold at least 2 examples for a standard error, got shape {tuple(xs.shape)}")
     _validate.key("key", key)

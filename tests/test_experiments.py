@@ -1,11 +1,13 @@
 """Each experiment runs end to end at a tiny size and leaves its files and numbers behind."""
 
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 # experiments/ is on the path (pyproject's pythonpath), as it is for the scripts themselves.
 import annealed_langevin
@@ -14,7 +16,7 @@ import kl_directions
 import langevin_step_size
 import score_matching_2d
 import tour
-from jsm import runs, targets
+from jsm import data, nets, runs, targets
 
 
 @pytest.mark.slow
@@ -65,9 +67,35 @@ def test_annealed_langevin(tmp_path):
     config = annealed_langevin.Config(workdir=str(tmp_path), steps=50, n_chains=512, n_levels=5, n_steps_each=40,
                                       hidden=(16,), n_train=1024, log_every=25, checkpoint_every=50, progress=False)
     out = annealed_langevin.main(config)
-    assert (tmp_path / "figures" / "samples.png").exists()
+    assert (tmp_path / "figures" / "samples.png").exists() and config.ema_decay == 0.99
     assert abs(out["plain Langevin, exact score"] - 0.8) > 0.15  # stuck at the initial split
     assert abs(out["annealed, exact noised score"] - 0.8) < 0.08
+
+
+@pytest.mark.parametrize("script", ["score_matching_2d", "annealed_langevin"])
+def test_learned_scores_are_the_moving_average_of_the_parameters(script, tmp_path):
+    """With ema_decay = β the scripts evaluate and sample s at θ̄ (fit's ema_params), not at the last θ."""
+    x = jnp.array([0.3, -0.2])
+    if script == "score_matching_2d":
+        config = score_matching_2d.Config(workdir=str(tmp_path), steps=4, log_every=2, checkpoint_every=4, hidden=(8,),
+                                          n_train=512, ema_decay=0.5, progress=False)
+        score, result = score_matching_2d.train(config)
+        apply, _ = nets.pure(nets.MLPScore(2, (8,), rngs=nnx.Rngs(config.seed)))
+        at = lambda params: apply(params, x)
+        got = score(x)
+    else:
+        config = annealed_langevin.Config(workdir=str(tmp_path), steps=4, log_every=2, checkpoint_every=4,
+                                          hidden=(8,), n_train=512, ema_decay=0.5, progress=False)
+        score, result = annealed_langevin.train_ncsn(config, annealed_langevin.make_target())
+        apply, _ = nets.pure(nets.NoiseConditionalScore(2, (8,), rngs=nnx.Rngs(config.seed)))
+        at = lambda params: apply(params, x, 0.5)
+        got = score(x, 0.5)
+    np.testing.assert_allclose(got, at(result.ema_params), rtol=1e-6)
+    assert not np.allclose(got, at(result.params))
+    with pytest.raises(ValueError, match=r"config.ema_decay must be in \[0, 1\)"):
+        module = score_matching_2d if script == "score_matching_2d" else annealed_langevin
+        fn = module.train if script == "score_matching_2d" else (lambda c: module.train_ncsn(c, module.make_target()))
+        fn(dataclasses.replace(config, ema_decay=-0.1))
 
 
 @pytest.mark.slow
@@ -155,9 +183,44 @@ def test_digits_experiment_scores_every_set(tmp_path):
                            checkpoint_every=20, progress=False)
     out = digits.main(config)
     assert (tmp_path / "figures" / "samples.png").exists() and out["classifier_test_accuracy"] > 0.9
+    assert out["net"] == "mlp" and out["steps"] == 20 and out["ema_decay"] == digits.EMA_DECAY
+    assert out["training_seconds"] > 0
     real = out["real held-out digits"]
     assert real["confidence"] > 0.8 and real["class_balance"] > 0.99 and abs(real["mmd2_to_held_out"]) < 0.01
     assert out["Gaussian baseline"]["inception_score"] < real["inception_score"]
+
+
+@pytest.mark.slow
+def test_digits_unet_trains_on_images_and_samples_from_the_moving_average(tmp_path):
+    """--net unet: ncsn on (n, 8, 8, 1) digits, chains of (8, 8, 1) images, samples returned as (n, 64);
+    the score is the network at the moving average θ̄ of the parameters, not at the last θ."""
+    import digits
+
+    config = digits.Config(workdir=str(tmp_path), net="unet", steps=3, base=8, channel_mults=(1,), n_levels=2,
+                           n_steps_each=1, log_every=3, checkpoint_every=3, ema_decay=0.5, progress=False)
+    split = data.digits(config.seed)
+    score, result = digits.train(config, split)
+    x, sigma = jnp.full((8, 8, 1), 0.3), jnp.float32(0.5)
+    assert score(x, sigma).shape == (8, 8, 1)
+    centred = split.x_train - split.x_train.mean(0)
+    apply, _ = nets.pure(digits.network(config, float(centred.std())))
+    mean = jnp.asarray(split.x_train.mean(0)).reshape(8, 8, 1)
+    np.testing.assert_allclose(score(x, sigma), apply(result.ema_params, x - mean, sigma), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(score(x, sigma), apply(result.params, x - mean, sigma))
+    xs = digits.sample(config, score, 5)
+    assert xs.shape == (5, 64) and np.all((xs >= 0) & (xs <= 1))
+
+
+def test_digits_config_refuses_an_unknown_net_or_decay(tmp_path):
+    import digits
+
+    for config, match in ((digits.Config(workdir=str(tmp_path), net="resnet"), r"config.net must be one of \('mlp', 'unet'\)"),
+                          (digits.Config(workdir=str(tmp_path), ema_decay=1.0), r"config.ema_decay must be in \[0, 1\)")):
+        with pytest.raises(ValueError, match=match):
+            digits.train(config, data.digits(0))
+    assert runs.parse_config(digits.Config, ["--net", "unet", "--ema-decay", "0"]).net == "unet"
+    with pytest.raises(SystemExit):
+        runs.parse_config(digits.Config, ["--net", "resnet"])
 
 
 def test_benchmarks_run_at_a_tiny_size(tmp_path):

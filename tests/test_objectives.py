@@ -396,7 +396,10 @@ def test_ism_overfits_a_small_data_set_and_dsm_cannot(key):
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda s, k: O.esm(s, s, jnp.zeros(2)), ValueError, r"xs must have shape \(n, d\), got shape \(2,\)"),
+        (lambda s, k: O.esm(s, s, jnp.zeros(2)), ValueError,
+         r"xs must be a batch of shape \(n, \*example_shape\) with n >= 1 .*got shape \(2,\)"),
+        (lambda s, k: O.dsm(s, k, jnp.zeros(3), 0.5), ValueError, r"xs must be a batch of shape \(n, \*example_shape\)"),
+        (lambda s, k: O.ncsn(s, k, jnp.zeros((0, 2, 3)), jnp.array([1.0])), ValueError, r"got shape \(0, 2, 3\)"),
         (lambda s, k: O.ism(s, jnp.zeros((0, 2))), ValueError, "xs must hold at least one example"),
         (lambda s, k: O.ism(s, jnp.array([[0.0, jnp.nan]])), ValueError, "xs must be finite, got 1 non-finite"),
         (lambda s, k: O.ism(s, jnp.zeros((3, 2)), method="hutch"), ValueError, "method must be one of"),
@@ -417,6 +420,83 @@ def test_ism_overfits_a_small_data_set_and_dsm_cannot(key):
 def test_bad_input_raises_naming_the_argument(call, error, match, key):
     with pytest.raises(error, match=match):
         call(lambda x: -x, key)
+
+
+# --- examples of any shape: images (n, h, w, c) ------------------------------------------
+
+
+class TestImageShapedExamples:
+    """On (n, 2, 3) examples, each objective equals itself on the flattened (n, 6) data with the
+    flattened score, draw for draw (the noise of shape (n, 2, 3) is the flat draw reshaped), and so
+    do its parameter gradients. s(x) = tanh(W vec(x) + c) with W not symmetric, so a transposed or
+    partial flattening would show; the sums run over all six entries."""
+
+    shape, n = (2, 3), 16
+    W0 = jax.random.normal(jax.random.key(7), (6, 6))
+    c0 = jnp.linspace(-0.5, 0.5, 6)
+    sigmas = jnp.array([2.0, 0.7, 0.2])
+
+    def flat(self, W, c):
+        return lambda v, sigma=1.0: jnp.tanh(W @ v + c) / sigma
+
+    def image(self, W, c):
+        return lambda x, sigma=1.0: self.flat(W, c)(x.reshape(-1), sigma).reshape(x.shape)
+
+    def data(self, key):
+        return jax.random.normal(key, (self.n, *self.shape))
+
+    def assert_same(self, objective, key):
+        """objective(score, xs) on images and on flat vectors: the values and the W-gradients agree."""
+        xs = self.data(key)
+        on_images = lambda W: objective(self.image(W, self.c0), xs)
+        on_vectors = lambda W: objective(self.flat(W, self.c0), xs.reshape(self.n, -1))
+        (a, ga), (b, gb) = jax.value_and_grad(on_images)(self.W0), jax.value_and_grad(on_vectors)(self.W0)
+        assert a.shape == () and abs(float(a)) > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("variance_reduction", O.VARIANCE_REDUCTIONS)
+    def test_dsm(self, variance_reduction, key):
+        self.assert_same(lambda s, xs: O.dsm(s, key, xs, 0.5, variance_reduction), key)
+
+    @pytest.mark.parametrize("variance_reduction", O.VARIANCE_REDUCTIONS)
+    def test_ncsn(self, variance_reduction, key):
+        self.assert_same(lambda s, xs: O.ncsn(s, key, xs, self.sigmas, variance_reduction), key)
+
+    def test_esm_and_ssm(self, key):
+        self.assert_same(lambda s, xs: O.esm(s, lambda x: -x, xs), key)
+        self.assert_same(lambda s, xs: O.ssm(s, key, xs, n_projections=3), key)
+
+    def test_ncsn_on_images_is_the_mean_of_its_per_example_terms(self, key):
+        """The batch form against the per-example form, with the draws written out: every level
+        σ_i and noise ε_i of shape (2, 3); a wrongly broadcast σ (over rows or columns) would show."""
+        xs, s = self.data(key), self.image(self.W0, self.c0)
+        k_level, k_noise = jax.random.split(key)
+        sigma = self.sigmas[jax.random.randint(k_level, (self.n,), 0, 3)]
+        eps = np.asarray(jax.random.normal(k_noise, xs.shape)) * np.asarray(sigma)[:, None, None]
+        want = np.mean([O.ncsn_per_example(s, xs[i], eps[i], sigma[i]) for i in range(self.n)])
+        np.testing.assert_allclose(O.ncsn(s, key, xs, self.sigmas), want, rtol=1e-6)
+
+    def test_a_score_of_the_wrong_shape_is_refused(self, key):
+        flat = self.flat(self.W0, self.c0)
+        wrong = lambda x, sigma=1.0: flat(x.reshape(-1), sigma)  # returns (6,) for a (2, 3) example
+        msg = r"score_fn must map one example of shape \(2, 3\) to the same shape, got shape \(6,\)"
+        for call in (lambda: O.dsm(wrong, key, self.data(key), 0.5),
+                     lambda: O.ncsn(wrong, key, self.data(key), self.sigmas, "control_variate"),
+                     lambda: O.esm(wrong, lambda x: -x, self.data(key)),
+                     lambda: O.ssm(wrong, key, self.data(key))):
+            with pytest.raises(ValueError, match=msg):
+                call()
+
+    def test_exact_trace_objectives_ask_to_flatten(self, key):
+        xs = self.data(key)
+        s = self.image(self.W0, self.c0)
+        for name, call in (("ism", lambda: O.ism(s, xs)), ("ism_energy", lambda: O.ism_energy(jnp.sum, xs)),
+                           ("score_matching_identities",
+                            lambda: O.score_matching_identities(s, s, s, key, xs, 0.5))):
+            with pytest.raises(ValueError, match=rf"xs must have shape \(n, d\) for {name} .*got shape "
+                                                 rf"\(16, 2, 3\): flatten the examples, xs.reshape\(16, -1\)"):
+                call()
 
 
 # --- low-variance DSM ----------------------------------------------------------------
