@@ -56,22 +56,23 @@ def batch(name: str, xs, *, dim: int | None = None) -> jax.Array:
     return arr
 
 
+def _leading_batch(name: str, x, want: str) -> jax.Array:
+    arr = float_array(name, x)
+    if arr.ndim < 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name} must {want}, got shape {tuple(arr.shape)}")
+    return arr
+
+
 def examples(name: str, xs) -> jax.Array:
     """A non-empty batch of examples of any shape: (n, d), (n, h, w, c), ..."""
-    arr = float_array(name, xs)
-    if arr.ndim < 2 or arr.shape[0] == 0:
-        raise ValueError(f"{name} must be a batch of shape (n, *example_shape) with n >= 1 (e.g. (n, d) or "
-                         f"(n, h, w, c)), got shape {tuple(arr.shape)}")
-    return arr
+    return _leading_batch(name, xs, "be a batch of shape (n, *example_shape) with n >= 1 (e.g. (n, d) or "
+                                    "(n, h, w, c))")
 
 
 def chains(name: str, x0) -> jax.Array:
     """Initial positions of n_chains >= 1 chains, shape (n_chains, *shape): (n_chains, d), (n_chains, h, w, c), ..."""
-    arr = float_array(name, x0)
-    if arr.ndim < 2 or arr.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (n_chains, *shape) with n_chains >= 1, one chain's position per "
-                         f"row (e.g. (n_chains, d) or (n_chains, h, w, c)), got shape {tuple(arr.shape)}")
-    return arr
+    return _leading_batch(name, x0, "have shape (n_chains, *shape) with n_chains >= 1, one chain's position per row "
+                                    "(e.g. (n_chains, d) or (n_chains, h, w, c))")
 
 
 def positive(name: str, value) -> None:
