@@ -132,6 +132,13 @@ def _ema_decay(ema_decay) -> float | None:
     return None if ema_decay is None else float(ema_decay)
 
 
+def ema_warmup(decay: float, step: Array) -> Array:
+    """β_t = min(β, (1 + t) / (10 + t)) at update t = 0, 1, ...: the average forgets the initial
+    parameters within the first few hundred steps of a short run, and is β's from t ≈ 10 / (1 - β)."""
+    t = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
 def init_state(params: PyTree, optimizer: optax.GradientTransformation, key: Array, objective_state: PyTree = None,
                *, ema_decay: float | None = None) -> TrainState:
     """The state at step 0: params, optimizer.init(params), the run's key, the objective's state,
@@ -149,7 +156,8 @@ def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, ema_d
     The loss of step t gets the key fold_in(split(state.key)[1], t). A step whose loss, gradient
     or new objective state is not finite is NOT applied: the returned state equals the input
     and metrics["finite"] is False. With `ema_decay` = β, the moving average
-    θ̄ <- β θ̄ + (1 - β) θ follows every applied update (state.ema_params).
+    θ̄ <- β_t θ̄ + (1 - β_t) θ follows every applied update (state.ema_params), with the
+    warm-up β_t = min(β, (1 + t) / (10 + t)) of `ema_warmup`.
 
     Args:
       loss_fn: loss(params, key, batch, state) -> (loss, aux, state); see `stateless`.
@@ -176,7 +184,8 @@ def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, ema_d
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if decay is not None:
-            ema = jax.tree.map(lambda m, p: decay * m + (1.0 - decay) * p, ema, params)
+            beta = ema_warmup(decay, state.step)
+            ema = jax.tree.map(lambda m, p: beta * m + (1.0 - beta) * p, ema, params)
         finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(obj_state)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new = TrainState(state.step + finite.astype(state.step.dtype), keep(params, state.params),
@@ -528,8 +537,9 @@ def fit(
       callbacks: `Callback(name, every, fn)`s; fn(state) runs at every multiple of `every`
         and at step `steps` (the chunks stop there), its result saved in <workdir>/callbacks/<name>.json before
         that step's checkpoint and reused after a restart. `FitResult.callbacks` holds them.
-      ema_decay: β in [0, 1): keep θ̄ <- β θ̄ + (1 - β) θ after every update, checkpointed with
-        the rest and returned as `FitResult.ema_params`. None: no moving average.
+      ema_decay: β in [0, 1): keep θ̄ <- β_t θ̄ + (1 - β_t) θ after every update, β_t = min(β,
+        (1 + t) / (10 + t)) (so short runs forget the initial θ), checkpointed with the rest and
+        returned as `FitResult.ema_params`. None: no moving average.
       mesh: a `jax.sharding.Mesh` with an axis "data": every batch is split along it across
         devices (batch_size must be a multiple of its size), parameters and optimizer state are
         replicated, one compiled step. It may span several processes (`jax.distributed`): each

@@ -192,13 +192,14 @@ def test_a_non_finite_step_is_not_applied():
 
 def test_ema_follows_the_updates_and_resumes_bitwise(problem, tmp_path):
     loss, params, data = problem
-    optimizer, decay = optax.adam(1e-2), 0.9
+    optimizer, decay = optax.adam(1e-2), 0.6
     state = train.init_state(params, optimizer, jax.random.key(0), ema_decay=decay)
     step = jax.jit(train.make_step(train.stateless(loss, has_aux=True), optimizer, ema_decay=decay))
     data_key, ema = jax.random.split(state.key)[0], params
-    for _ in range(20):
+    for t in range(20):
         state, _ = step(state, train._batch_at(data, data_key, state.step, 32))
-        ema = jax.tree.map(lambda m, p: decay * m + (1 - decay) * p, ema, state.params)  # the slow, obvious way
+        beta = min(decay, (1 + t) / (10 + t))  # the warm-up 0.1, 0.18, 0.25, ..., then β = 0.6 from t = 13
+        ema = jax.tree.map(lambda m, p: beta * m + (1 - beta) * p, ema, state.params)  # the slow, obvious way
     for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     whole = run(problem, tmp_path / "whole", 40, ema_decay=decay)
