@@ -86,11 +86,13 @@ def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
     assert json.loads((whole / "results.json").read_text()) == json.loads((killed / "results.json").read_text())
     assert _logged(whole, "step", "loss") == _logged(killed, "step", "loss")
     apply, params = nets.pure(nets.MLPScore(2, (32, 32), rngs=nnx.Rngs(0)))
-    like = train.TrainState(jnp.int32(0), params, optax.adam(1e-3).init(params), jax.random.key(0))
+    # score_matching_2d.py samples at the EMA of the parameters: the checkpoints carry it.
+    like = train.TrainState(jnp.int32(0), params, optax.adam(1e-3).init(params), jax.random.key(0), None, params)
     a, b = (train.restore_latest(d / "checkpoints", like) for d in (whole, killed))
     assert int(a.step) == int(b.step) == 300
     assert_same_params(a.params, b.params)
     assert_same_params(a.opt_state, b.opt_state)
+    assert_same_params(a.ema_params, b.ema_params)
 
 
 @pytest.mark.slow
