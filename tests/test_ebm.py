@@ -120,4 +120,25 @@ def test_ebm_experiment_writes_its_numbers(tmp_path):
     for method in ("cd", "pcd"):
         assert [e["step"] for e in out[method]["evaluations"]] == [20, 40]
         assert out[method]["test_log_likelihood"] < out["target_test_log_likelihood"] + 0.05  # no model beats p
-        assert 0.0 <= out[method]["spurious_mass"] <= 1.0
+        # The box quadrature is an upper bound; the bound on the mass off the box gives the lower one.
+        assert out[method]["test_log_likelihood_lower_bound"] <= out[method]["test_log_likelihood"]
+
+
+@pytest.mark.numerics
+def test_the_bound_on_the_mass_off_the_box_is_the_closed_form_for_a_flat_mlp():
+    """With every weight zero the MLP is its output bias b and L = 0, so the bound is
+    exp(-b) 2π ∫_4^∞ ρ exp(-ρ²/(2 s²)) dρ = exp(-b) 2π s² exp(-16 / (2 s²))."""
+    from flax import nnx
+
+    from jsm import nets
+
+    config = ebm_mle.Config()
+    apply, params = nets.pure(nets.MLPEnergy(2, (8, 8), rngs=nnx.Rngs(0)))
+    params = jax.tree.map(jnp.zeros_like, params)
+    b = 0.7
+    last_bias = [k for k, v in jax.tree_util.tree_flatten_with_path(params)[0] if v.shape == (1,)]
+    assert len(last_bias) == 1
+    params = jax.tree_util.tree_map_with_path(lambda k, v: v + b if k == last_bias[0] else v, params)
+    s = config.prior_scale
+    want = -b + np.log(2 * np.pi * s**2) - ebm_mle.BOX**2 / (2 * s**2)
+    np.testing.assert_allclose(ebm_mle.log_outside_bound(apply, params, config), want, rtol=1e-6)
