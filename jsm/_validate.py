@@ -121,3 +121,48 @@ def key(name: str, k) -> None:
             f"{name} must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
             f"got {type(k).__name__} with shape {shape} and dtype {dtype}"
         )
+
+
+# --- functions of ONE example: x of shape (d,), (h, w, c), ... ----------------------
+
+
+def example(name: str, x) -> None:
+    """ONE example: an array of rank >= 1, (d,) or (h, w, c) or any other shape."""
+    if jnp.ndim(x) < 1:
+        raise ValueError(f"{name} must be ONE example of shape (d,), (h, w, c) or any other of rank >= 1 "
+                         f"(for d = 1, shape (1,)), got a scalar; batch with jax.vmap")
+
+
+def _output_shape(name: str, out, x) -> tuple:
+    if isinstance(out, (tuple, list, dict)):
+        raise ValueError(f"{name} must return one array for one example of shape {tuple(jnp.shape(x))}, "
+                         f"got a {type(out).__name__}")
+    return tuple(jnp.shape(out))
+
+
+def same_shape(name: str, fn):
+    """fn, checked (at trace time, no cost after) to map ONE example x, and any further arguments, to
+    an array of x's shape: a vector field or score, shape -> shape."""
+
+    def checked(x, *args):
+        out = fn(x, *args)
+        if _output_shape(name, out, x) != tuple(jnp.shape(x)):
+            raise ValueError(f"{name} must map one example of shape {tuple(jnp.shape(x))} to the same shape, "
+                             f"got shape {tuple(jnp.shape(out))}")
+        return out
+
+    return checked
+
+
+def scalar_valued(name: str, fn):
+    """fn, checked (at trace time, no cost after) to map ONE example x, and any further arguments, to
+    a scalar: an energy, shape -> ()."""
+
+    def checked(x, *args):
+        out = fn(x, *args)
+        if _output_shape(name, out, x) != ():
+            raise ValueError(f"{name} must map one example of shape {tuple(jnp.shape(x))} to a scalar, "
+                             f"got shape {tuple(jnp.shape(out))}")
+        return out
+
+    return checked

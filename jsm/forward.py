@@ -17,6 +17,11 @@ scalar) and Δf together, without ever building the gradient's own graph: one
 pass costs about d + 1 forward passes, where jacfwd-over-grad costs d passes of
 the forward AND backward graph.
 
+An example of any other shape, an image (h, w, c) say, is its d = prod(shape) entries in
+row-major order: fn is run on x.reshape(shape) from a flat x (`flattened`), the Laplacian
+sums ∂²v/∂x_k² over all d entries, and Jacobians come back with x's shape on their leading
+axes. For x of shape (d,) nothing is reshaped.
+
 `forward_jet(fn)` works on any function JAX can trace (not only `jsm`'s networks):
 it reads fn's jaxpr and interprets it. Four rules cover every primitive:
 
@@ -50,6 +55,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
+
+from jsm import _validate
 
 Array = jax.Array
 
@@ -100,9 +107,10 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
 def forward_jet(
     fn: Callable[[Array], Array], second_order: bool = True, *, chunk_size: int | None = None
 ) -> Callable[[Array], Jet]:
-    """x -> Jet(fn(x), ∂fn/∂x, Δfn(x)) for x of shape (d,), in one forward pass.
+    """x -> Jet(fn(x), ∂fn/∂x, Δfn(x)) for ONE example x of any shape, in one forward pass.
 
-    The Jacobian has shape (d,) + fn(x).shape: for a scalar energy it is ∇f. With
+    The Jacobian has shape x.shape + fn(x).shape (∂fn/∂x_k for every entry k of x): for a scalar
+    energy it is ∇f, of x's shape. The Laplacian sums over all d = prod(x.shape) entries. With
     `second_order=False` only (value, Jacobian) are propagated (the Laplacian is None).
     Under `jax.vmap` it runs `forward_jet_batch` on the whole batch (see `folded`).
     `chunk_size` as in `forward_jet_batch`.
@@ -110,8 +118,7 @@ def forward_jet(
     one = folded(lambda f: forward_jet_batch(f, second_order, chunk_size=chunk_size), fn)
 
     def jet(x: Array) -> Jet:
-        if jnp.ndim(x) != 1:
-            raise ValueError(f"x must be ONE example of shape (d,), got shape {jnp.shape(x)}; batch with jax.vmap")
+        _validate.example("x", x)
         return one(x)
 
     return jet
@@ -120,14 +127,14 @@ def forward_jet(
 def forward_jet_batch(
     fn: Callable[[Array], Array], second_order: bool = True, *, chunk_size: int | None = None
 ) -> Callable[[Array], Jet]:
-    """xs -> the jets of fn at every row of xs (n, d): value (n, ...), Jacobian (n, d, ...), Laplacian (n, ...).
+    """xs (n, *shape) -> the jets of fn at every example: value (n, ...), Jacobian (n, *shape, ...), Laplacian (n, ...).
 
     fn acts on ONE example; the batch is carried explicitly, so that a Jacobian
     pushed through a matrix product with constant weights is ONE product of shape
     (n·d, in) x (in, out), and so is its transpose in the parameter gradient.
 
     Args:
-      fn: a function of ONE example (d,) returning one array.
+      fn: a function of ONE example, of shape (d,) or any other (`shape`), returning one array.
       second_order: propagate the Laplacian too (else it is None).
       chunk_size: push the d Jacobian columns through in blocks of this many (a `lax.map`
         over blocks, each rematerialised in the backward pass), so that the intermediate
@@ -141,38 +148,40 @@ def forward_jet_batch(
         def block(out: Jet, rows: Array):
             return out.value, out.laplacian, out.jacobian
 
-        value, laplacian, jacobian = _by_blocks(fn, xs, second_order, chunk_size, block)
-        return Jet(value, jacobian, laplacian)
+        shape = _example_shape(xs)
+        value, laplacian, jacobian = _by_blocks(flattened(fn, shape), _rows(xs), second_order, chunk_size, block)
+        return Jet(value, jacobian.reshape(xs.shape + jacobian.shape[2:]) if len(shape) != 1 else jacobian, laplacian)
 
     return jets
 
 
 def laplacian_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None) -> Callable[[Array], Array]:
-    """xs (n, d) -> Δfn(x_i) (n, ...): `forward_jet_batch(fn)(xs).laplacian`, the Jacobian not kept."""
+    """xs (n, *shape) -> Δfn(x_i) (n, ...): `forward_jet_batch(fn)(xs).laplacian`, the Jacobian not kept."""
     _chunk_size(chunk_size)
 
     def lap(xs: Array) -> Array:
-        return _by_blocks(fn, xs, True, chunk_size, lambda out, rows: (out.value, out.laplacian, None))[1]
+        flat = flattened(fn, _example_shape(xs))
+        return _by_blocks(flat, _rows(xs), True, chunk_size, lambda out, rows: (out.value, out.laplacian, None))[1]
 
     return lap
 
 
 def divergence_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None) -> Callable[[Array], tuple[Array, Array]]:
-    """xs (n, d) -> (v(x_i) (n, d), tr ∂v/∂x (x_i) (n,)) for v = fn: (d,) -> (d,), by a first-order jet.
+    """xs (n, *shape) -> (v(x_i) (n, *shape), tr ∂v/∂x (x_i) (n,)) for v = fn: shape -> shape, by a first-order jet.
 
-    Each block of c Jacobian columns (rows e_k of I) contributes Σ_k e_k · ∂v/∂x_k, so with
-    `chunk_size` the (n, d, d) Jacobian is never held whole: memory n·c·width per layer.
+    tr ∂v/∂x = Σ_k ∂v_k/∂x_k over all d = prod(shape) entries. Each block of c Jacobian columns
+    (rows e_k of I) contributes Σ_k e_k · ∂v/∂x_k, so with `chunk_size` the (n, d, d) Jacobian is
+    never held whole: memory n·c·width per layer.
     """
     _chunk_size(chunk_size)
 
     def both(xs: Array) -> tuple[Array, Array]:
         def block(out: Jet, rows: Array):
-            if out.value.shape[1:] != rows.shape[1:]:
-                raise ValueError(f"fn must map (d,) to (d,), got output shape {out.value.shape[1:]} for d = {rows.shape[1]}")
             return out.value, jnp.einsum("ncd,cd->n", out.jacobian, rows), None
 
-        value, div, _ = _by_blocks(fn, xs, False, chunk_size, block)
-        return value, div
+        flat = flattened(fn, _example_shape(xs), vector="fn")
+        value, div, _ = _by_blocks(flat, _rows(xs), False, chunk_size, block)
+        return value.reshape(xs.shape), div
 
     return both
 
@@ -182,15 +191,48 @@ def _chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
 
 
+def flattened(fn: Callable[[Array], Array], shape: tuple[int, ...], *, vector: str | None = None
+              ) -> Callable[[Array], Array]:
+    """fn of ONE example of `shape`, seen as a function of its d = prod(shape) entries in row-major
+    order: z (d,) -> fn(z.reshape(shape)). Its Laplacian, and (with `vector`) its divergence, at
+    x.reshape(-1) are fn's at x: Σ_k over all entries either way.
+
+    `vector`: fn is a vector field, shape -> shape (a ValueError naming `vector`, the shape it got and
+    the shape it wants otherwise, raised at trace time), and its output is flattened to (d,) too.
+    When shape is (d,) already nothing is reshaped: the function traces to the same jaxpr as fn.
+    """
+    if vector is not None:
+        fn = _validate.same_shape(vector, fn)
+    if len(shape) == 1:
+        return fn
+
+    def on_vector(z: Array) -> Array:
+        out = fn(z.reshape(shape))
+        return out.reshape(-1) if vector is not None else out
+
+    return on_vector
+
+
+def _example_shape(xs) -> tuple[int, ...]:
+    """The shape of one example of a batch xs (n, *shape), checked."""
+    if jnp.ndim(xs) < 2:
+        raise ValueError(f"xs must be a batch of shape (n, *shape), (n, d) or (n, h, w, c) say, got shape "
+                         f"{tuple(jnp.shape(xs))}")
+    return tuple(xs.shape[1:])
+
+
+def _rows(xs: Array) -> Array:
+    """A batch (n, *shape) as (n, d) rows, d = prod(shape); an (n, d) batch as it is."""
+    return xs if xs.ndim == 2 else xs.reshape(xs.shape[0], -1)
+
+
 def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block):
-    """Push the jet of fn at xs along the d columns of I, all at once or `chunk_size` at a time.
+    """Push the jet of fn at xs (n, d) along the d columns of I, all at once or `chunk_size` at a time.
 
     block(out, rows) -> (value, summed, stacked): what one pass along the rows (c, d) of I keeps,
     with `summed` (n, ...) added over blocks (Laplacians, traces) and `stacked` (n, c, ...)
     joined along its axis 1 (Jacobians); either may be None.
     """
-    if jnp.ndim(xs) != 2:
-        raise ValueError(f"xs must be a batch of shape (n, d), got shape {jnp.shape(xs)}")
     n, d = xs.shape
     closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((d,), xs.dtype))
     if len(closed.jaxpr.outvars) != 1:
@@ -214,7 +256,7 @@ def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block)
 
 
 def folded(make: Callable[[Callable], Callable], fn: Callable[[Array], Array]) -> Callable[[Array], object]:
-    """x -> make(fn)(x[None]) at its one row, for a `make(fn)` that maps a batch xs (n, d) of fn's
+    """x -> make(fn)(x[None]) at its one row, for a `make(fn)` that maps a batch xs (n, *shape) of fn's
     inputs to a pytree of (n, ...) results and commutes with vmap. Under `jax.vmap` the whole batch
     goes through make(fn) at once, the batch folded into its matrix products
     (`jax.custom_batching.custom_vmap`), also inside a `jax.grad` that is OUTSIDE the vmap.

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jsm import _validate
 from jsm.diffusion import _batch, _check_sde, _labels, _t_min, _with_label, check_solved, ode_drift, solve_ode
-from jsm.forward import forward_jet_batch
+from jsm.forward import divergence_batch, flattened
 from jsm.sde import SDE
 
 Array = jax.Array
@@ -39,17 +39,18 @@ LIKELIHOOD_T_MIN = 1e-5  # Song et al.'s ε for likelihoods: p_{t_min} is p_0 to
 def divergence_fn(vector_fn, trace: str = "exact", probes: Array | None = None):
     """x -> (v(x), div v(x)) for ONE example x of any shape, d = prod(x.shape).
 
-    "exact": tr(∂v/∂x) from one first-order forward jet of v on the flattened x (value and
-    Jacobian together). "hutchinson": mean_j u_j^T (∂v/∂x) u_j over the rows of `probes`
-    (m, d), one JVP each.
+    "exact": tr(∂v/∂x) from one first-order forward jet of v (value and Jacobian together,
+    `jsm.forward.divergence_batch`, which flattens x). "hutchinson": mean_j u_j^T (∂v/∂x) u_j
+    over the rows of `probes` (m, d), one JVP each of v on the flattened x.
     """
     _validate.choice("trace", trace, TRACES)
+    vector_fn = _validate.same_shape("vector_fn", vector_fn)
 
     def both(x: Array) -> tuple[Array, Array]:
-        flat = lambda z: vector_fn(z.reshape(x.shape)).reshape(-1)
         if trace == "exact":
-            jet = forward_jet_batch(flat, second_order=False)(x.reshape(1, -1))
-            return jet.value[0].reshape(x.shape), jnp.trace(jet.jacobian[0])
+            v, div = divergence_batch(vector_fn)(x[None])
+            return v[0], div[0]
+        flat = flattened(vector_fn, x.shape, vector="vector_fn")
         v, jvp = jax.linearize(flat, x.reshape(-1))
         div = jnp.mean(jnp.sum(probes * jax.vmap(jvp)(probes), axis=-1))
         return v.reshape(x.shape), div

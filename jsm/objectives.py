@@ -4,11 +4,12 @@ Each objective has a per-example form, a function of ONE example x, and a batch
 form over xs of shape (n, *shape) that returns the batch mean of the per-example
 terms. Models enter as a score function s(x) -> x.shape (close over the parameters;
 `jax.grad` with respect to them is then plain `jax.grad`). An example is a vector
-(d,) or any array, an image (h, w, c) say: `esm`, `dsm`, `ncsn` and `ssm` take
-xs of shape (n, *shape) with s acting on one example of that shape, and their
-squared norms and inner products sum over all d = prod(shape) entries. `ism`,
-`ism_energy` and `score_matching_identities` need an exact trace and take
-(n, d): flatten images first (xs.reshape(n, -1), and the score with them).
+(d,) or any array, an image (h, w, c) say: every objective takes xs of shape
+(n, *shape) with s acting on one example of that shape, and its squared norms and
+inner products sum over all d = prod(shape) entries. The exact trace of `ism`,
+`ism_energy` and `score_matching_identities` does too: tr ∂s/∂x = Σ_k ∂s_k/∂x_k over
+all d entries, computed on the flattened s (`jsm.forward.flattened`), so nothing needs
+flattening by hand.
 
 The identities behind them (Hyvärinen 2005; Vincent 2011), with C independent of s:
 
@@ -32,6 +33,7 @@ errors. EBM maximum likelihood (contrastive divergence) lives in `jsm.ebm`.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -56,24 +58,19 @@ def _dot(a: Array, b: Array) -> Array:
     return jnp.dot(jnp.ravel(a), jnp.ravel(b))
 
 
+def _per_example_sum(a: Array) -> Array:
+    """Σ over all entries of each example of a batch (n, *shape): (n,)."""
+    return jnp.sum(a, axis=tuple(range(1, a.ndim)))
+
+
+def _sq_norms(s: Array) -> Array:
+    """|s_i|² for every example of a batch (n, *shape), summed over all its entries."""
+    return _per_example_sum(s * s)
+
+
 def _score_at(score_fn: Callable[..., Array], x: Array, *args) -> Array:
     """s(x, *args), checked (at trace time) to have the example's shape."""
-    s = score_fn(x, *args)
-    if jnp.shape(s) != x.shape:
-        raise ValueError(f"score_fn must map one example of shape {tuple(x.shape)} to the same shape, "
-                         f"got shape {tuple(jnp.shape(s))}")
-    return s
-
-
-def _vectors(name: str, xs, objective: str) -> Array:
-    """A batch of vectors (n, d) for the objectives whose exact trace takes vectors."""
-    shape = tuple(jnp.shape(xs))
-    if len(shape) > 2:
-        raise ValueError(
-            f"{name} must have shape (n, d) for {objective} (its exact trace takes vectors), got shape "
-            f"{shape}: flatten the examples, {name}.reshape({shape[0]}, -1), and give the score "
-            f"flat vectors too (x -> s(x.reshape(shape)).reshape(-1)), or use dsm / ncsn / ssm, which take any shape")
-    return _validate.batch(name, xs)
+    return _validate.same_shape("score_fn", score_fn)(x, *args)
 
 
 # --- explicit score matching: the true score is known -------------------------
@@ -100,13 +97,15 @@ def esm(score_fn: ScoreFn, true_score_fn: ScoreFn, xs: Array) -> Array:
 # --- implicit score matching: an exact trace instead of the true score ---------
 
 
-def ism_per_example(score_fn: ScoreFn, x: Array, method: str = "auto") -> Array:
-    """1/2 |s(x)|² + tr(∂s/∂x) for one x of shape (d,), the trace exact."""
-    s, div = batch_value_and_divergence(score_fn, method)(x[None])
-    return 0.5 * jnp.dot(s[0], s[0]) + div[0]
+def ism_per_example(score_fn: ScoreFn, x: Array, method: str = "auto", *, chunk_size: int | None = None) -> Array:
+    """1/2 |s(x)|² + tr(∂s/∂x) for one x of any shape, the trace exact (over all its entries; see `ism`)."""
+    _validate.example("x", x)
+    score_fn = _validate.same_shape("score_fn", score_fn)
+    s, div = batch_value_and_divergence(score_fn, method, chunk_size=chunk_size)(x[None])
+    return 0.5 * _dot(s[0], s[0]) + div[0]
 
 
-def ism(score_fn: ScoreFn, xs: Array, method: str = "auto") -> Array:
+def ism(score_fn: ScoreFn, xs: Array, method: str = "auto", *, chunk_size: int | None = None) -> Array:
     """Implicit score matching (Hyvärinen 2005) of a score network: E_p [1/2 |s(x)|² + tr(∂s/∂x)].
 
     The trace is exact (`method` in `jsm.scores.METHODS`), never estimated; "auto" takes
@@ -116,23 +115,32 @@ def ism(score_fn: ScoreFn, xs: Array, method: str = "auto") -> Array:
     set a flexible s can drive this to -∞ by spiking the divergence at the data points:
     regularise, or prefer `dsm`.
 
+    Examples may have any shape: |s|² and tr ∂s/∂x = Σ_k ∂s_k/∂x_k run over all d = prod(shape)
+    entries.
+
     Args:
-      score_fn: s, (d,) -> (d,).
-      xs: (n, d) samples of p (flatten images first: the trace takes vectors).
+      score_fn: s, shape -> shape, for one example of shape `shape` ((d,), (h, w, c), ...).
+      xs: (n, *shape) samples of p.
       method: how the exact trace is computed.
+      chunk_size: "forward" / "auto" only: push the d Jacobian columns through in blocks of this
+        many, memory n·chunk_size·width per layer instead of n·d·width (as in `jsm.divergence`);
+        None: all at once.
     """
-    xs = _vectors("xs", xs, "ism")
-    s, div = batch_value_and_divergence(score_fn, method)(xs)
-    return jnp.mean(0.5 * jnp.sum(s * s, axis=-1) + div)
+    xs = _validate.examples("xs", xs)
+    score_fn = _validate.same_shape("score_fn", score_fn)
+    s, div = batch_value_and_divergence(score_fn, method, chunk_size=chunk_size)(xs)
+    return jnp.mean(0.5 * _sq_norms(s) + div)
 
 
-def ism_energy_per_example(energy_fn: EnergyFn, x: Array, method: str = "auto") -> Array:
-    """1/2 |∇f(x)|² - Δf(x) for one x of shape (d,): ISM's term for s = -∇f, the Laplacian exact."""
-    s, div = batch_score_and_divergence_of_energy(energy_fn, method)(x[None])
-    return 0.5 * jnp.dot(s[0], s[0]) + div[0]
+def ism_energy_per_example(energy_fn: EnergyFn, x: Array, method: str = "auto", *,
+                           chunk_size: int | None = None) -> Array:
+    """1/2 |∇f(x)|² - Δf(x) for one x of any shape: ISM's term for s = -∇f, the Laplacian exact."""
+    _validate.example("x", x)
+    s, div = batch_score_and_divergence_of_energy(energy_fn, method, chunk_size=chunk_size)(x[None])
+    return 0.5 * _dot(s[0], s[0]) + div[0]
 
 
-def ism_energy(energy_fn: EnergyFn, xs: Array, method: str = "auto") -> Array:
+def ism_energy(energy_fn: EnergyFn, xs: Array, method: str = "auto", *, chunk_size: int | None = None) -> Array:
     """Implicit score matching of an energy model q ∝ exp(-f): E_p [1/2 |∇f(x)|² - Δf(x)].
 
     J_ISM for the score s = -∇f, whose divergence is tr ∂s/∂x = -Δf. With "auto" ONE
@@ -140,15 +148,17 @@ def ism_energy(energy_fn: EnergyFn, xs: Array, method: str = "auto") -> Array:
     gradient's graph: 3-7x faster than "jacfwd", while `ism(score_of(f), xs)` (a first-order
     jet of -∇f's graph) costs about as much as "jacfwd" (experiments/bench/trace_cost.py,
     rows "forward", "jacfwd", "score_of"). "jacfwd" and "jacrev" are the references.
+    Examples may have any shape: Δf = Σ_k ∂²f/∂x_k² over all d = prod(shape) entries.
 
     Args:
-      energy_fn: f, (d,) -> ().
-      xs: (n, d) samples of p (flatten images first: the Laplacian takes vectors).
+      energy_fn: f, shape -> (), for one example of shape `shape` ((d,), (h, w, c), ...).
+      xs: (n, *shape) samples of p.
       method: how the exact Laplacian is computed (`jsm.scores.METHODS`).
+      chunk_size: "forward" / "auto" only: Jacobian columns per block, as in `ism`; None: all.
     """
-    xs = _vectors("xs", xs, "ism_energy")
-    s, div = batch_score_and_divergence_of_energy(energy_fn, method)(xs)
-    return jnp.mean(0.5 * jnp.sum(s * s, axis=-1) + div)
+    xs = _validate.examples("xs", xs)
+    s, div = batch_score_and_divergence_of_energy(energy_fn, method, chunk_size=chunk_size)(xs)
+    return jnp.mean(0.5 * _sq_norms(s) + div)
 
 
 # --- denoising score matching: learn the score of p_σ = p * N(0, σ² I) ---------
@@ -344,35 +354,40 @@ def score_matching_identities(
     are those of the paired per-example differences, so a wrong constant, a wrong trace
     or a wrong DSM target shows as a gap of many standard errors.
 
+    Examples may have any shape, d = prod(shape): norms and traces run over all entries.
+
     Args:
-      score_fn: s, (d,) -> (d,), the model.
-      true_score_fn: ∇log p, (d,) -> (d,) (e.g. `target.score`).
-      noised_score_fn: ∇log p_σ, (d,) -> (d,) (e.g. `target.noised(sigma).score`).
+      score_fn: s, shape -> shape, the model.
+      true_score_fn: ∇log p, shape -> shape (e.g. `target.score`).
+      noised_score_fn: ∇log p_σ, shape -> shape (e.g. `target.noised(sigma).score`).
       key: PRNG key for the noise ε.
-      xs: (n, d) samples of p, n >= 2.
+      xs: (n, *shape) samples of p, n >= 2.
       sigma: the noise scale σ > 0.
       method: how ISM's exact trace is computed (`jsm.scores.METHODS`).
 
     Returns:
       `Identities`: the measured terms, `.gap` / `.gap_noised` and their errors `.se` / `.se_noised`.
     """
-    xs = _vectors("xs", xs, "score_matching_identities")
+    xs = _validate.examples("xs", xs)
     if xs.shape[0] < 2:
         raise ValueError(f"xs must hold at least 2 examples for a standard error, got shape {tuple(xs.shape)}")
     _validate.key("key", key)
     _validate.positive("sigma", sigma)
-    d = xs.shape[1]
+    score_fn = _validate.same_shape("score_fn", score_fn)
+    true_score_fn = _validate.same_shape("true_score_fn", true_score_fn)
+    noised_score_fn = _validate.same_shape("noised_score_fn", noised_score_fn)
+    d = math.prod(xs.shape[1:])
     eps = sigma * jax.random.normal(key, xs.shape, xs.dtype)
     s, div = batch_value_and_divergence(score_fn, method)(xs)
     true_s = jax.vmap(true_score_fn)(xs)
-    esm_i = 0.5 * jnp.sum((s - true_s) ** 2, axis=-1)
-    ism_i = 0.5 * jnp.sum(s * s, axis=-1) + div
-    c_i = 0.5 * jnp.sum(true_s * true_s, axis=-1)
+    esm_i = 0.5 * _per_example_sum((s - true_s) ** 2)
+    ism_i = 0.5 * _sq_norms(s) + div
+    c_i = 0.5 * _sq_norms(true_s)
     ys = xs + eps
     noised_s = jax.vmap(noised_score_fn)(ys)
-    esm_noised_i = 0.5 * jnp.sum((jax.vmap(score_fn)(ys) - noised_s) ** 2, axis=-1)
+    esm_noised_i = 0.5 * _per_example_sum((jax.vmap(score_fn)(ys) - noised_s) ** 2)
     dsm_i = jax.vmap(lambda x, e: dsm_per_example(score_fn, x, e, sigma))(xs, eps)
-    c_noised_i = 0.5 * jnp.sum(noised_s * noised_s, axis=-1) - d / (2 * sigma**2)
+    c_noised_i = 0.5 * _sq_norms(noised_s) - d / (2 * sigma**2)
     _, se = _mean_and_se(esm_i - ism_i - c_i)
     _, se_noised = _mean_and_se(esm_noised_i - dsm_i - c_noised_i)
     mean = jnp.mean

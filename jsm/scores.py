@@ -3,8 +3,15 @@
 The score of q(x) = exp(-f(x)) / Z is s(x) = ∇ log q(x) = -∇f(x): the
 intractable Z drops out. Implicit score matching needs the divergence
 tr(∂s/∂x) of a vector field, or the Laplacian Δf = tr(∇²f) of an energy,
-exactly. Every function here acts on ONE example x of shape (d,); batch with
-`jax.vmap`.
+exactly. Every function here acts on ONE example x, of shape (d,) or any other
+((h, w, c) for an image); batch with `jax.vmap`, or pass a batch xs (n, *shape) to the
+`batch_*` functions. An exact trace treats x as its d = prod(x.shape) entries:
+
+    Δf = Σ_k ∂²f/∂x_k²,    tr ∂v/∂x = Σ_k ∂v_k/∂x_k    (k over all entries of x),
+
+for an energy f: shape -> () and a vector field v: shape -> shape (any other output shape
+is refused with an error naming the function). It runs on the flattened function
+(`jsm.forward.flattened`), so a vector x costs no reshape at all.
 
 Exact methods (`EXACT_METHODS`); every exact function takes `method="auto"` by default:
   "forward" the forward Laplacian (`jsm.forward`): value, Jacobian and Laplacian pushed
@@ -38,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jsm import _validate
-from jsm.forward import divergence_batch, folded, forward_jet_batch, laplacian_batch
+from jsm.forward import divergence_batch, flattened, folded, forward_jet_batch, laplacian_batch
 
 Array = jax.Array
 EnergyFn = Callable[[Array], Array]
@@ -49,24 +56,17 @@ METHODS = (*EXACT_METHODS, "auto")
 PROBES = ("rademacher", "gaussian")
 
 
-def _example(x: Array) -> None:
-    if jnp.ndim(x) != 1:
-        raise ValueError(
-            f"x must be ONE example of shape (d,), got shape {jnp.shape(x)}; batch with jax.vmap"
-        )
-
-
 def score_of(energy: EnergyFn) -> VectorFn:
-    """s(x) = -∇f(x), the score of exp(-f(x)) / Z, for x of shape (d,).
+    """s(x) = -∇f(x), the score of exp(-f(x)) / Z, for ONE example x of any shape (s(x) has x's shape).
 
     A plain function of x: an exact trace of it differentiates -∇f's own graph. For
     s and tr ∂s/∂x = -Δf from one forward pass of f, call
     `batch_score_and_divergence_of_energy(f)` (or `jsm.objectives.ism_energy(f, xs)`).
     """
-    grad_f = jax.grad(energy)
+    grad_f = jax.grad(_validate.scalar_valued("energy", energy))
 
     def score(x: Array) -> Array:
-        _example(x)
+        _validate.example("x", x)
         return -grad_f(x)
 
     return score
@@ -79,8 +79,9 @@ def resolve_method(method: str) -> str:
 
 
 def _batch(xs: Array) -> None:
-    if jnp.ndim(xs) != 2:
-        raise ValueError(f"xs must be a batch of shape (n, d), got shape {jnp.shape(xs)}")
+    if jnp.ndim(xs) < 2:
+        raise ValueError(f"xs must be a batch of shape (n, *shape), (n, d) or (n, h, w, c) say, got shape "
+                         f"{tuple(jnp.shape(xs))}")
 
 
 def _chunk_for(method: str, chunk_size: int | None) -> None:
@@ -91,16 +92,17 @@ def _chunk_for(method: str, chunk_size: int | None) -> None:
 def batch_value_and_divergence(
     vector_fn: VectorFn, method: str = "auto", *, chunk_size: int | None = None
 ) -> Callable[[Array], tuple[Array, Array]]:
-    """xs (n, d) -> (v(x_i) stacked (n, d), tr ∂v/∂x at every x_i (n,)), the trace exact.
+    """xs (n, *shape) -> (v(x_i) stacked (n, *shape), tr ∂v/∂x at every x_i (n,)), the trace exact.
 
-    v is a function of ONE example, treated as an opaque vector field: with "forward",
-    one first-order forward jet (value and Jacobian). For the score of an energy use
-    `batch_score_and_divergence_of_energy`, several times cheaper. `chunk_size` ("forward"
-    only): push the Jacobian's columns in blocks of this many, bounding memory at large d
-    (`jsm.forward.divergence_batch`).
+    v: shape -> shape is a function of ONE example, treated as an opaque vector field: with
+    "forward", one first-order forward jet (value and Jacobian). The trace runs over all
+    d = prod(shape) entries. For the score of an energy use `batch_score_and_divergence_of_energy`,
+    several times cheaper. `chunk_size` ("forward" only): push the Jacobian's columns in blocks
+    of this many, bounding memory at large d (`jsm.forward.divergence_batch`).
     """
     exact = resolve_method(method)
     _chunk_for(exact, chunk_size)
+    vector_fn = _validate.same_shape("vector_fn", vector_fn)
     forward = divergence_batch(vector_fn, chunk_size=chunk_size) if exact == "forward" else None
 
     def both(xs: Array) -> tuple[Array, Array]:
@@ -115,16 +117,17 @@ def batch_value_and_divergence(
 def batch_score_and_divergence_of_energy(
     energy_fn: EnergyFn, method: str = "auto", *, chunk_size: int | None = None
 ) -> Callable[[Array], tuple[Array, Array]]:
-    """xs (n, d) -> (s(x_i) = -∇f(x_i) stacked (n, d), tr ∂s/∂x = -Δf(x_i) (n,)), the trace exact.
+    """xs (n, *shape) -> (s(x_i) = -∇f(x_i) stacked (n, *shape), tr ∂s/∂x = -Δf(x_i) (n,)), the trace exact.
 
-    The score of q ∝ exp(-f) and its divergence, for an energy f: (d,) -> (). With
-    "forward" ("auto"), ONE second-order forward jet of f gives ∇f and Δf together,
-    without building the gradient's graph. Equal to
+    The score of q ∝ exp(-f) and its divergence, for an energy f: shape -> (), the Laplacian
+    summed over all d = prod(shape) entries of x. With "forward" ("auto"), ONE second-order
+    forward jet of f gives ∇f and Δf together, without building the gradient's graph. Equal to
     `batch_value_and_divergence(score_of(f), method)`, which differentiates -∇f instead.
     `chunk_size` as in `batch_value_and_divergence`.
     """
     exact = resolve_method(method)
     _chunk_for(exact, chunk_size)
+    energy_fn = _validate.scalar_valued("energy_fn", energy_fn)
     grad_f = jax.grad(energy_fn)
     lap = None if exact == "forward" else laplacian(energy_fn, exact)
 
@@ -139,63 +142,70 @@ def batch_score_and_divergence_of_energy(
 
 
 def _jacobian_trace(vector_fn: VectorFn, method: str) -> Callable[[Array], Array]:
-    """The reference: the full d x d Jacobian of ONE example by jacfwd or jacrev, then its trace."""
-    jacobian = jax.jacfwd(vector_fn) if method == "jacfwd" else jax.jacrev(vector_fn)
-    return lambda x: jnp.trace(jacobian(x))
+    """The reference: the full d x d Jacobian of ONE example (flattened) by jacfwd or jacrev, then its trace."""
+    jacobian = jax.jacfwd if method == "jacfwd" else jax.jacrev
+
+    def trace(x: Array) -> Array:
+        flat = flattened(vector_fn, x.shape, vector="vector_fn")
+        return jnp.trace(jacobian(flat)(x.reshape(-1)))
+
+    return trace
 
 
 def divergence(vector_fn: VectorFn, method: str = "auto", *, chunk_size: int | None = None) -> Callable[[Array], Array]:
-    """x -> tr(∂v/∂x) = Σ_i ∂v_i/∂x_i, exactly.
+    """x -> tr(∂v/∂x) = Σ_i ∂v_i/∂x_i, exactly, i over all d = prod(x.shape) entries of x.
 
     With "forward", `jax.vmap` of it folds the batch into the jet's matrix products
     (`jsm.forward.folded`): as fast as `batch_value_and_divergence`, also under a `jax.grad`
     taken outside the vmap.
 
     Args:
-      vector_fn: v, a map (d,) -> (d,).
+      vector_fn: v, a map shape -> shape for ONE example ((d,), (h, w, c), ...).
       method: one of `EXACT_METHODS` or "auto".
       chunk_size: "forward" only: Jacobian columns per block (memory bound at large d); None: all.
 
     Returns:
-      A function of x with shape (d,) returning a scalar.
+      A function of x with shape `shape` returning a scalar.
     """
     exact = resolve_method(method)
     _chunk_for(exact, chunk_size)
+    vector_fn = _validate.same_shape("vector_fn", vector_fn)
     if exact == "forward":
         one = folded(lambda v: (lambda xs: divergence_batch(v, chunk_size=chunk_size)(xs)[1]), vector_fn)
     else:
         one = _jacobian_trace(vector_fn, exact)
 
     def div(x: Array) -> Array:
-        _example(x)
+        _validate.example("x", x)
         return one(x)
 
     return div
 
 
 def laplacian(energy: EnergyFn, method: str = "auto", *, chunk_size: int | None = None) -> Callable[[Array], Array]:
-    """x -> Δf(x) = Σ_i ∂²f/∂x_i², exactly: the divergence of ∇f.
+    """x -> Δf(x) = Σ_i ∂²f/∂x_i², exactly, i over all d = prod(x.shape) entries: the divergence of ∇f.
 
     Note tr(∂s/∂x) = -Δf for the score s = -∇f. With "forward", `jax.vmap` of it folds the
     batch into the jet's matrix products (`jsm.forward.folded`), also under a `jax.grad`
     taken outside the vmap.
 
     Args:
-      energy: f, a map (d,) -> ().
+      energy: f, a map shape -> () for ONE example ((d,), (h, w, c), ...).
       method: one of `EXACT_METHODS` or "auto" (the forward Laplacian).
       chunk_size: "forward" only: Jacobian columns per block (memory bound at large d); None: all.
 
     Returns:
-      A function of x with shape (d,) returning a scalar.
+      A function of x with shape `shape` returning a scalar.
     """
     exact = resolve_method(method)
     _chunk_for(exact, chunk_size)
+    energy = _validate.scalar_valued("energy", energy)
     if exact != "forward":
         return divergence(jax.grad(energy), exact)
     one = folded(lambda f: laplacian_batch(f, chunk_size=chunk_size), energy)
 
     def lap(x: Array) -> Array:
-        _example(x)
+        _validate.example("x", x)
         return one(x)
 
     return lap
@@ -214,19 +224,21 @@ def hutchinson_divergence(
 
     divided by `n_probes` for the mean. J need not be symmetric (a score network's is
     not); for a symmetric J (the score of an energy) the first reads 2 Σ_{i≠j} J_ij².
-    Each probe costs one JVP. For comparison with the exact methods only.
+    Each probe costs one JVP. For comparison with the exact methods only. x may have any
+    shape; the probes u then have x's shape and u^T J u sums over all its entries.
     """
     n_probes = _validate.positive_int("n_probes", n_probes)
     _validate.choice("probe", probe, PROBES)
+    field = _validate.same_shape("vector_fn", vector_fn)
 
     def estimate(x: Array, key: Array) -> Array:
-        _example(x)
-        shape = (n_probes, x.shape[0])
+        _validate.example("x", x)
+        shape = (n_probes, *x.shape)
         if probe == "rademacher":
             u = jax.random.rademacher(key, shape, x.dtype)
         else:
             u = jax.random.normal(key, shape, x.dtype)
-        jvp = lambda ui: jax.jvp(vector_fn, (x,), (ui,))[1]
-        return jnp.mean(jnp.sum(u * jax.vmap(jvp)(u), axis=-1))
+        jvp = lambda ui: jax.jvp(field, (x,), (ui,))[1]
+        return jnp.mean(jnp.sum(u * jax.vmap(jvp)(u), axis=tuple(range(1, u.ndim))))
 
     return estimate

@@ -194,12 +194,54 @@ def test_functions_without_a_derivative_in_x_get_zero_jets():
 
 
 def test_bad_input_names_the_argument():
-    with pytest.raises(ValueError, match=r"x must be ONE example of shape \(d,\), got shape \(2, 3\)"):
-        forward.forward_jet(jnp.sum)(jnp.zeros((2, 3)))
-    with pytest.raises(ValueError, match=r"xs must be a batch of shape \(n, d\), got shape \(3,\)"):
-        forward.forward_jet_batch(jnp.sum)(jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"x must be ONE example of shape \(d,\), \(h, w, c\) .*got a scalar"):
+        forward.forward_jet(jnp.sum)(jnp.zeros(()))
+    for make in (forward.forward_jet_batch, forward.laplacian_batch, forward.divergence_batch):
+        with pytest.raises(ValueError, match=r"xs must be a batch of shape \(n, \*shape\), .*got shape \(3,\)"):
+            make(jnp.sum)(jnp.zeros(3))
     with pytest.raises(ValueError, match="fn must return one array, got 2 outputs"):
         forward.forward_jet(lambda x: (x, x))(jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"fn must map one example of shape \(2, 3\) to the same shape, got shape \(6,\)"):
+        forward.divergence_batch(lambda x: x.reshape(-1))(jnp.zeros((4, 2, 3)))
+    with pytest.raises(ValueError, match=r"fn must map one example of shape \(2, 3\) to the same shape, got shape \(3, 2\)"):
+        forward.divergence_batch(lambda x: x.T)(jnp.zeros((4, 2, 3)))
+    with pytest.raises(ValueError, match=r"fn must return one array for one example of shape \(3,\), got a tuple"):
+        forward.divergence_batch(lambda x: (x, x))(jnp.zeros((4, 3)))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_jets_of_image_shaped_examples(chunk_size, key):
+    """An example of shape (2, 3, 2) is its 12 entries: the jets, Laplacians and divergences equal
+    the brute-force ones of the hand-flattened function (jacrev, jacfwd(jacrev)), and Jacobians
+    come back as (n, 2, 3, 2, ...), equal to jax.jacrev on the image itself. fn has a vector
+    output and the field a non-symmetric Jacobian, so a transposed or partial flattening shows."""
+    shape = (2, 3, 2)
+    w = jax.random.normal(jax.random.key(4), (12, 4))
+    fn = lambda x: jnp.tanh(x.reshape(-1) @ w) * jnp.sum(jnp.cumsum(x, axis=1) ** 2)  # (2, 3, 2) -> (4,)
+    field = lambda x: jnp.sin(jnp.cumsum(x, axis=2)) * x[:, ::-1] + jnp.cumsum(x, axis=0) ** 2  # -> (2, 3, 2)
+    xs = jax.random.normal(key, (3, *shape))
+    flat = lambda g: (lambda z: g(z.reshape(shape)).reshape(-1))
+
+    @jax.jit
+    def jets(xs):
+        return (forward.forward_jet_batch(fn, chunk_size=chunk_size)(xs), jax.vmap(forward.forward_jet(fn, chunk_size=chunk_size))(xs),
+                forward.laplacian_batch(fn, chunk_size=chunk_size)(xs), forward.divergence_batch(field, chunk_size=chunk_size)(xs))
+
+    jet, vmapped, lap, (value, div) = jets(xs)
+    _, _, want_lap = jax.vmap(reference(flat(fn)))(xs.reshape(3, -1))
+    want_jac = jnp.moveaxis(jax.vmap(jax.jacrev(fn))(xs), 1, -1)  # (n, 4, 2, 3, 2) -> (n, 2, 3, 2, 4)
+    want_div = jax.vmap(lambda z: jnp.trace(jax.jacfwd(flat(field))(z)))(xs.reshape(3, -1))
+    chex.assert_shape((jet.value, jet.jacobian, jet.laplacian, lap, value, div),
+                      [(3, 4), (3, *shape, 4), (3, 4), (3, 4), (3, *shape), (3,)])
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=tol(1e-5, 1e-11), atol=tol(1e-5, 1e-11))
+    for got in (jet, vmapped):
+        close(got.value, jax.vmap(fn)(xs))
+        close(got.jacobian, want_jac)
+        close(got.laplacian, want_lap)
+    close(lap, want_lap)
+    close(value, jax.vmap(field)(xs))
+    close(div, want_div)
 
 
 def _chunked_cases():

@@ -131,6 +131,25 @@ def test_bits_per_dim_of_dequantised_uniform_data_is_log2_k():
     np.testing.assert_allclose(L.bits_per_dim(-3, 2), 3 / (2 * np.log(2)), rtol=tol(1e-6, 1e-12))
 
 
+@pytest.mark.numerics
+def test_divergence_fn_takes_examples_of_any_shape():
+    """On a (2, 3) example both traces are the trace of jax.jacfwd of the hand-flattened field (for
+    Hutchinson, with the 6 probes sqrt(6) e_k, which make it exact), and v keeps the example's shape;
+    a field that does not is refused. The field mixes rows and columns, so a transposed
+    flattening would show."""
+    x = jnp.arange(6.0).reshape(2, 3) / 5 - 0.4
+    field = lambda z: jnp.sin(jnp.cumsum(z, axis=0)) * z[:, ::-1] + jnp.cumsum(z, axis=1) ** 2
+    want = jnp.trace(jax.jacfwd(lambda v: field(v.reshape(2, 3)).reshape(-1))(x.reshape(-1)))
+    probes = jnp.sqrt(6.0) * jnp.eye(6)
+    for trace in L.TRACES:
+        v, div = L.divergence_fn(field, trace, probes)(x)
+        np.testing.assert_allclose(v, field(x), rtol=tol(1e-6, 1e-12))
+        np.testing.assert_allclose(div, want, rtol=tol(1e-5, 1e-12))
+        with pytest.raises(ValueError, match=r"vector_fn must map one example of shape \(2, 3\) to the same "
+                                             r"shape, got shape \(3, 2\)"):
+            L.divergence_fn(lambda z: field(z).T, trace, probes)(x)
+
+
 def test_bad_input_is_rejected_before_compiling(cases, key):
     sde, _, score, _ = cases["mixture-vp"]
     xs = jnp.zeros((3, 2))

@@ -97,6 +97,25 @@ def test_ism_energy_is_ism_of_the_energys_score(gaussian2, method, key):
                                    atol=tol(1e-6, 1e-12), err_msg=name)
 
 
+@pytest.mark.numerics
+def test_chunked_ism_equals_unchunked(key):
+    """chunk_size (Jacobian columns per block) changes memory, not the loss or its parameter gradient:
+    d = 5 in blocks of 2, for a score network (`ism`) and an energy (`ism_energy`)."""
+    xs = jax.random.normal(key, (8, 5))
+    as_xs = lambda params: jax.tree.map(lambda a: a.astype(xs.dtype), params)
+    apply, params = nets.pure(nets.MLPEnergy(5, (16, 16), rngs=nnx.Rngs(1)))
+    s_apply, s_params = nets.pure(nets.MLPScore(5, (16, 16), rngs=nnx.Rngs(2)))
+    for loss, p in [(lambda p, c: O.ism_energy(lambda x: apply(p, x), xs, chunk_size=c), as_xs(params)),
+                    (lambda p, c: O.ism(lambda x: s_apply(p, x), xs, chunk_size=c), as_xs(s_params))]:
+        # the blocks are a loop (lax.map) over the 3 blocks of 2 columns: chunk_size reached the jet
+        assert "scan" in str(jax.make_jaxpr(lambda p: loss(p, 2))(p))
+        assert "scan" not in str(jax.make_jaxpr(lambda p: loss(p, None))(p))
+        (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(p, c) for c in (2, None))
+        np.testing.assert_allclose(a, b, rtol=tol(1e-5, 1e-12))
+        for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(u, v, rtol=tol(1e-4, 1e-10), atol=tol(1e-6, 1e-12))
+
+
 class PerExampleTermsAgainstSlowReferences(chex.TestCase):
     """Each per-example term, jitted and not, against the formula written out in NumPy (float64).
 
@@ -400,11 +419,19 @@ def test_ism_overfits_a_small_data_set_and_dsm_cannot(key):
          r"xs must be a batch of shape \(n, \*example_shape\) with n >= 1 .*got shape \(2,\)"),
         (lambda s, k: O.dsm(s, k, jnp.zeros(3), 0.5), ValueError, r"xs must be a batch of shape \(n, \*example_shape\)"),
         (lambda s, k: O.ncsn(s, k, jnp.zeros((0, 2, 3)), jnp.array([1.0])), ValueError, r"got shape \(0, 2, 3\)"),
-        (lambda s, k: O.ism(s, jnp.zeros((0, 2))), ValueError, "xs must hold at least one example"),
+        (lambda s, k: O.ism(s, jnp.zeros((0, 2))), ValueError, r"xs must be a batch .*with n >= 1 .*got shape \(0, 2\)"),
         (lambda s, k: O.ism(s, jnp.array([[0.0, jnp.nan]])), ValueError, "xs must be finite, got 1 non-finite"),
         (lambda s, k: O.ism(s, jnp.zeros((3, 2)), method="hutch"), ValueError, "method must be one of"),
         (lambda s, k: O.ism_energy(jnp.sum, jnp.zeros((3, 2)), method="hutch"), ValueError, "method must be one of"),
-        (lambda s, k: O.ism_energy(jnp.sum, jnp.zeros(2)), ValueError, r"xs must have shape \(n, d\), got shape \(2,\)"),
+        (lambda s, k: O.ism_energy(jnp.sum, jnp.zeros(2)), ValueError,
+         r"xs must be a batch of shape \(n, \*example_shape\) with n >= 1 .*got shape \(2,\)"),
+        (lambda s, k: O.ism_per_example(s, jnp.zeros(())), ValueError, r"x must be ONE example .*got a scalar"),
+        (lambda s, k: O.ism(s, jnp.zeros((3, 2)), method="jacfwd", chunk_size=2), ValueError,
+         r'chunk_size applies to method="forward" \(or "auto"\) only, got method=\'jacfwd\''),
+        (lambda s, k: O.ism_energy(jnp.sum, jnp.zeros((3, 2)), method="jacrev", chunk_size=2), ValueError,
+         'chunk_size applies to method="forward"'),
+        (lambda s, k: O.ism_energy(jnp.sum, jnp.zeros((3, 2)), chunk_size=0), ValueError,
+         "chunk_size must be an int >= 1 or None, got 0"),
         (lambda s, k: O.score_matching_identities(s, s, s, k, jnp.zeros((1, 2)), 0.5), ValueError,
          r"xs must hold at least 2 examples for a standard error, got shape \(1, 2\)"),
         (lambda s, k: O.score_matching_identities(s, s, s, k, jnp.zeros((3, 2)), 0.0), ValueError, "sigma must be positive"),
@@ -445,11 +472,13 @@ class TestImageShapedExamples:
     def data(self, key):
         return jax.random.normal(key, (self.n, *self.shape))
 
-    def assert_same(self, objective, key):
-        """objective(score, xs) on images and on flat vectors: the values and the W-gradients agree."""
+    def assert_same(self, objective, key, flat=None, image=None):
+        """objective(score, xs) on images and on flat vectors: the values and the W-gradients agree.
+        (`flat` and `image` make another model of W and c, an energy say, on either.)"""
+        flat, image = flat or self.flat, image or self.image
         xs = self.data(key)
-        on_images = lambda W: objective(self.image(W, self.c0), xs)
-        on_vectors = lambda W: objective(self.flat(W, self.c0), xs.reshape(self.n, -1))
+        on_images = lambda W: objective(image(W, self.c0), xs)
+        on_vectors = lambda W: objective(flat(W, self.c0), xs.reshape(self.n, -1))
         (a, ga), (b, gb) = jax.value_and_grad(on_images)(self.W0), jax.value_and_grad(on_vectors)(self.W0)
         assert a.shape == () and abs(float(a)) > 1e-3
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -484,19 +513,58 @@ class TestImageShapedExamples:
         for call in (lambda: O.dsm(wrong, key, self.data(key), 0.5),
                      lambda: O.ncsn(wrong, key, self.data(key), self.sigmas, "control_variate"),
                      lambda: O.esm(wrong, lambda x: -x, self.data(key)),
-                     lambda: O.ssm(wrong, key, self.data(key))):
+                     lambda: O.ssm(wrong, key, self.data(key)),
+                     lambda: O.ism(wrong, self.data(key)),
+                     lambda: O.ism(wrong, self.data(key), "jacrev"),
+                     lambda: O.ism_per_example(wrong, self.data(key)[0]),
+                     lambda: O.score_matching_identities(wrong, lambda x: -x, lambda x: -x, key, self.data(key), 0.5)):
             with pytest.raises(ValueError, match=msg):
                 call()
+        with pytest.raises(ValueError, match=r"true_score_fn must map one example of shape \(2, 3\) to the same shape"):
+            O.score_matching_identities(lambda x: -x, wrong, lambda x: -x, key, self.data(key), 0.5)
+        per_row = lambda x: jnp.sum(x**2, axis=-1)  # an energy of ONE vector: (2, 3) -> (2,)
+        for method in ("auto", "jacfwd"):
+            with pytest.raises(ValueError, match=r"energy_fn must map one example of shape \(2, 3\) to a scalar, "
+                                                 r"got shape \(2,\)"):
+                O.ism_energy(per_row, self.data(key), method)
 
-    def test_exact_trace_objectives_ask_to_flatten(self, key):
-        xs = self.data(key)
-        s = self.image(self.W0, self.c0)
-        for name, call in (("ism", lambda: O.ism(s, xs)), ("ism_energy", lambda: O.ism_energy(jnp.sum, xs)),
-                           ("score_matching_identities",
-                            lambda: O.score_matching_identities(s, s, s, key, xs, 0.5))):
-            with pytest.raises(ValueError, match=rf"xs must have shape \(n, d\) for {name} .*got shape "
-                                                 rf"\(16, 2, 3\): flatten the examples, xs.reshape\(16, -1\)"):
-                call()
+    @pytest.mark.parametrize("method, chunk_size", [("auto", None), ("auto", 4), ("jacfwd", None), ("jacrev", None)])
+    def test_ism(self, method, chunk_size, key):
+        self.assert_same(lambda s, xs: O.ism(s, xs, method, chunk_size=chunk_size), key)
+
+    @pytest.mark.parametrize("method, chunk_size", [("auto", None), ("auto", 4), ("jacfwd", None)])
+    def test_ism_energy(self, method, chunk_size, key):
+        """f(x) = Σ_k log cosh((W vec x + c)_k): the same loss and W-gradient on images and on vectors."""
+        flat = lambda W, c: (lambda v: jnp.sum(jnp.log(jnp.cosh(W @ v + c))))
+        image = lambda W, c: (lambda x: flat(W, c)(x.reshape(-1)))
+        self.assert_same(lambda f, xs: O.ism_energy(f, xs, method, chunk_size=chunk_size), key, flat, image)
+
+    def test_identities(self, key):
+        def every_field(s, xs):  # all eight measured terms in one scalar: a wrong one shows
+            true = lambda x: -x
+            noised = lambda x: -x / (1 + 0.5**2)
+            return sum(jnp.sum(jnp.asarray(v) * w) for v, w in
+                       zip(O.score_matching_identities(s, true, noised, key, xs, 0.5), jnp.arange(1.0, 9.0)))
+        self.assert_same(every_field, key)
+
+    def test_ism_per_example_terms_against_the_brute_force_trace(self, key):
+        """1/2 |s(x)|² + tr ∂s/∂x for one (2, 3) example, the trace of jax.jacfwd of the flat score;
+        s mixes the image's rows (a cumulative sum down the columns), so its trace is not that of
+        any one row."""
+        s_flat = lambda v: jnp.tanh(self.W0 @ v + self.c0)
+        s = lambda x: s_flat(x.reshape(-1)).reshape(x.shape) * jnp.cumsum(x, axis=0)
+        f = lambda x: jnp.sum(jnp.log(jnp.cosh(self.W0 @ x.reshape(-1) + self.c0))) * jnp.sum(jnp.cumsum(x, axis=1) ** 2)
+        x = self.data(key)[0]
+        flat = lambda g: (lambda v: g(v.reshape(self.shape)).reshape(-1))
+        want_ism = 0.5 * jnp.sum(s(x) ** 2) + jnp.trace(jax.jacfwd(flat(s))(x.reshape(-1)))
+        grad = jax.grad(f)(x)
+        want_energy = 0.5 * jnp.sum(grad**2) - jnp.trace(jax.hessian(lambda v: f(v.reshape(self.shape)))(x.reshape(-1)))
+        ways = [(m, None) for m in jsm.scores.EXACT_METHODS] + [("auto", 4)]
+        got = jax.jit(lambda x: [(O.ism_per_example(s, x, m, chunk_size=c), O.ism_energy_per_example(f, x, m, chunk_size=c))
+                                 for m, c in ways])(x)
+        for (m, c), (ism, ism_energy) in zip(ways, got):
+            np.testing.assert_allclose(ism, want_ism, rtol=1e-5, err_msg=f"{m} {c}")
+            np.testing.assert_allclose(ism_energy, want_energy, rtol=1e-5, err_msg=f"{m} {c}")
 
 
 # --- low-variance DSM ----------------------------------------------------------------

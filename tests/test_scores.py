@@ -100,6 +100,8 @@ def test_every_exact_trace_defaults_to_auto():
     for fn in (jsm.divergence, jsm.laplacian, scores.batch_value_and_divergence,
                scores.batch_score_and_divergence_of_energy, jsm.objectives.ism, jsm.objectives.ism_energy):
         assert inspect.signature(fn).parameters["method"].default == "auto", fn.__name__
+        chunk = inspect.signature(fn).parameters["chunk_size"]
+        assert chunk.default is None and chunk.kind is inspect.Parameter.KEYWORD_ONLY, fn.__name__
     assert scores.resolve_method("auto") == "forward"
 
 
@@ -159,8 +161,105 @@ def test_unknown_method_raises_before_compiling(gaussian2):
         jsm.hutchinson_divergence(gaussian2.score, n_probes=0)
 
 
-def test_batch_instead_of_example_raises(gaussian2):
-    with pytest.raises(ValueError, match=r"x must be ONE example of shape \(d,\), got shape \(4, 2\)"):
-        jsm.divergence(gaussian2.score)(jnp.zeros((4, 2)))
+# --- examples of any shape: images (h, w, c) ------------------------------------------
+
+SHAPE = (2, 3, 2)  # d = 12
+_W = jax.random.normal(jax.random.key(11), (12, 12)) / 3  # not symmetric: ∂v/∂x is not either
+
+
+def image_field(x):
+    """v: (2, 3, 2) -> (2, 3, 2) with a non-symmetric Jacobian that mixes rows, columns and channels,
+    so a divergence whose output is flattened in another order than its input (a transposed
+    image) or that sums over one axis only comes out wrong."""
+    return jnp.tanh(_W @ x.reshape(-1)).reshape(x.shape) + jnp.cumsum(x, axis=1) ** 2 * x[::-1, :, ::-1]
+
+
+def image_energy(x):
+    """f: (2, 3, 2) -> () whose Hessian couples entries along every axis."""
+    return jnp.sum(jnp.log1p(jnp.exp(_W @ x.reshape(-1)))) + jnp.sum(jnp.cumsum(x, axis=1) ** 3 * x[:, :, ::-1])
+
+
+def on_vectors(fn, vector):
+    """The same function of the 12 entries, flattened by hand (row-major)."""
+    return (lambda z: fn(z.reshape(SHAPE)).reshape(-1)) if vector else (lambda z: fn(z.reshape(SHAPE)))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("method, chunk_size", [("forward", None), ("forward", 5), ("jacfwd", None), ("jacrev", None)])
+def test_exact_traces_of_image_shaped_examples(method, chunk_size, key):
+    """On (2, 3, 2) examples every exact trace (per example, vmapped, and batched) equals the same
+    function on the flattened (12,) vectors AND the brute-force reference: the trace of jax.jacfwd /
+    jax.hessian of the hand-flattened function. Scores come back with the image's shape."""
+    xs = jax.random.normal(key, (3, *SHAPE))
+    flat_xs = xs.reshape(3, -1)
+    v, f = on_vectors(image_field, True), on_vectors(image_energy, False)
+    div_ref = jax.vmap(lambda z: jnp.trace(jax.jacfwd(v)(z)))(flat_xs)
+    lap_ref = jax.vmap(lambda z: jnp.trace(jax.hessian(f)(z)))(flat_xs)
+    assert np.min(np.abs(div_ref)) > 0.1 and np.min(np.abs(lap_ref)) > 0.1
+
+    @jax.jit
+    def traces(xs, flat_xs):
+        div, lap = jsm.divergence(image_field, method, chunk_size=chunk_size), jsm.laplacian(image_energy, method, chunk_size=chunk_size)
+        return {"div one": div(xs[0]), "lap one": lap(xs[0]),
+                "div": jax.vmap(div)(xs), "lap": jax.vmap(lap)(xs),
+                "div flat": jax.vmap(jsm.divergence(v, method, chunk_size=chunk_size))(flat_xs),
+                "lap flat": jax.vmap(jsm.laplacian(f, method, chunk_size=chunk_size))(flat_xs),
+                "value, div": scores.batch_value_and_divergence(image_field, method, chunk_size=chunk_size)(xs),
+                "score, div": scores.batch_score_and_divergence_of_energy(image_energy, method, chunk_size=chunk_size)(xs)}
+
+    got = traces(xs, flat_xs)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=tol(1e-5, 1e-11), atol=tol(1e-5, 1e-11))
+    close(got["div one"], div_ref[0])
+    close(got["lap one"], lap_ref[0])
+    for name in ("div", "div flat"):
+        close(got[name], div_ref)
+    for name in ("lap", "lap flat"):
+        close(got[name], lap_ref)
+    (value, div), (s, div_s) = got["value, div"], got["score, div"]
+    chex.assert_shape((value, div, s, div_s), [xs.shape, (3,), xs.shape, (3,)])
+    close(value, jax.vmap(image_field)(xs))
+    close(div, div_ref)
+    close(s, -jax.vmap(jax.grad(image_energy))(xs))
+    close(div_s, -lap_ref)
+
+
+def test_hutchinson_on_an_image_is_hutchinson_on_its_flattening(key):
+    """The probes of a (2, 3, 2) example are the flat probes reshaped, so the estimates agree draw for draw."""
+    x = jax.random.normal(key, SHAPE)
+    for probe in scores.PROBES:
+        est = lambda fn, y: jsm.hutchinson_divergence(fn, n_probes=3, probe=probe)(y, key)
+        np.testing.assert_allclose(est(image_field, x), est(on_vectors(image_field, True), x.reshape(-1)),
+                                   rtol=tol(1e-5, 1e-12))
+
+
+def test_outputs_of_the_wrong_shape_are_refused(key):
+    """A vector field must return its example's shape, an energy a scalar: the error names the
+    function, the shape it got and the one it wants, for every method (and for a batch given as
+    one example to an energy that maps a batch to (n,) energies)."""
+    x = jnp.zeros((2, 3))
+    flat_field = lambda y: jnp.tanh(y).reshape(-1)  # (2, 3) -> (6,)
+    want_same = r"vector_fn must map one example of shape \(2, 3\) to the same shape, got shape \(6,\)"
+    want_scalar = r"energy must map one example of shape \(2, 3\) to a scalar, got shape \(2,\)"
+    per_row = lambda y: jnp.sum(y**2, axis=-1)  # an energy written for ONE vector, given a batch
+    for method in scores.METHODS:
+        with pytest.raises(ValueError, match=want_same):
+            jsm.divergence(flat_field, method)(x)
+        with pytest.raises(ValueError, match=want_same):
+            scores.batch_value_and_divergence(flat_field, method)(x[None])
+        with pytest.raises(ValueError, match=want_scalar):
+            jsm.laplacian(per_row, method)(x)
+        with pytest.raises(ValueError, match=want_scalar.replace("energy", "energy_fn")):
+            scores.batch_score_and_divergence_of_energy(per_row, method)(x[None])
+    with pytest.raises(ValueError, match=want_same):
+        jsm.hutchinson_divergence(flat_field)(x, key)
+    with pytest.raises(ValueError, match=want_scalar):
+        jsm.score_of(per_row)(x)
+
+
+def test_a_scalar_is_not_an_example(gaussian2):
+    with pytest.raises(ValueError, match=r"x must be ONE example of shape \(d,\), \(h, w, c\) .*got a scalar"):
+        jsm.divergence(gaussian2.score)(jnp.zeros(()))
     with pytest.raises(ValueError, match="ONE example"):
-        jsm.score_of(gaussian2.energy)(jnp.zeros((4, 2)))
+        jsm.score_of(gaussian2.energy)(jnp.zeros(()))
+    with pytest.raises(ValueError, match=r"xs must be a batch of shape \(n, \*shape\).*got shape \(2,\)"):
+        scores.batch_value_and_divergence(gaussian2.score)(jnp.zeros(2))
