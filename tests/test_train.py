@@ -80,13 +80,14 @@ def test_typed_and_raw_keys_restore_exactly(problem, tmp_path):
     np.testing.assert_array_equal(restored.key, raw)
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, loop):
     # SGD on log(p) from p = 1 with rate 0.3: p = 0.7, 0.271, -0.836, then log(p) is NaN at step 4.
     loss = lambda p, k, xs: jnp.log(p["p"])
     data = jnp.zeros((4, 1))
     with pytest.raises(train.NonFiniteError, match=r"non-finite at step 4.*checkpoints/2 \(step 2\).*learning rate") as err:
         jsm.fit(loss, {"p": jnp.float32(1.0)}, data, optimizer=optax.sgd(0.3), key=jax.random.key(0),
-                steps=10, batch_size=4, workdir=tmp_path, checkpoint_every=2, log_every=1, progress=False)
+                steps=10, batch_size=4, workdir=tmp_path, checkpoint_every=2, log_every=1, progress=False, loop=loop)
     assert err.value.step == 4 and err.value.checkpoint_step == 2
     np.testing.assert_allclose(err.value.state.params["p"], 0.7 - 0.3 / 0.7 - 0.3 / (0.7 - 0.3 / 0.7), rtol=1e-5)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
@@ -102,6 +103,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         (dict(log_every=0), ValueError, "log_every must be an int >= 1"),
         (dict(optimizer=lambda g: g), TypeError, "optimizer must be an optax GradientTransformation"),
         (dict(key=7), TypeError, "key must be a PRNG key"),
+        (dict(loop="while"), ValueError, r"loop must be one of \('auto', 'scan', 'python'\), got 'while'"),
     ],
 )
 def test_bad_arguments_raise(problem, kw, error, match):
@@ -126,7 +128,7 @@ def test_nothing_recompiles_on_a_second_call(problem, tmp_path):
     kw = dict(optimizer=optimizer, key=jax.random.key(0), batch_size=32, workdir=tmp_path, checkpoint_every=20,
               log_every=10, progress=False, has_aux=True)
     jsm.fit(loss, params, data, steps=20, **kw)
-    chunk = train._make_chunk(loss, optimizer, 32, 10, False, True, None, None)
+    chunk = train._make_chunk(loss, optimizer, 32, 10, False, True, None, None, "scan")
     assert chunk._cache_size() == 1
     jsm.fit(loss, params, data, steps=40, **kw)  # resumes in the same process
     assert chunk._cache_size() == 1
@@ -157,6 +159,44 @@ def test_rollback_goes_back_to_the_checkpoint_with_a_new_key(tmp_path):
     assert_same_params(a.params, b.params)
     with pytest.raises(ValueError, match="rollbacks must be an int >= 0"):
         jsm.fit(loss, {"m": jnp.float32(0.0)}, data, rollbacks=-1, **kw)
+
+
+def test_the_python_loop_takes_the_steps_of_the_scan_and_resumes_bitwise(problem, tmp_path):
+    """loop="python" calls the compiled step once per step: the same batches, keys and updates as
+    the scan (equal up to float rounding between two compilations), and a stopped run resumed
+    with it is bitwise the uninterrupted one."""
+    scanned = run(problem, None, 30, loop="scan", log_every=7)  # chunks end at multiples of 7 and of 20
+    whole = run(problem, tmp_path / "whole", 30, loop="python", log_every=7)
+    for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(whole.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in whole.history] == [r["step"] for r in scanned.history] == [7, 14, 20, 21, 28, 30]
+    np.testing.assert_allclose([r["loss"] for r in whole.history], [r["loss"] for r in scanned.history], rtol=1e-5)
+    run(problem, tmp_path / "parts", 14, loop="python", log_every=7)
+    resumed = run(problem, tmp_path / "parts", 30, loop="python", log_every=7)
+    assert_same_params((whole.params, whole.opt_state), (resumed.params, resumed.opt_state))
+
+
+def test_auto_loop_steps_from_python_for_a_convnet_on_cpu(problem):
+    """"auto" reads the step's jaxpr: a convolution on CPU devices -> "python", otherwise "scan"."""
+    loss, params, data = problem
+    optimizer = optax.sgd(0.1)
+    cpu = jax.devices("cpu")
+    resolve = lambda loss, params, batch, devices: train._resolve_loop(
+        "auto", loss, optimizer, False, False, None, train.init_state(params, optimizer, jax.random.key(0)),
+        batch, devices)
+    conv = nnx.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0))
+    graph, conv_params = nnx.split(conv)
+    conv_loss = lambda p, k, xs: jnp.mean(nnx.merge(graph, p)(xs) ** 2)
+    images = jnp.zeros((4, 5, 5, 1))
+    assert resolve(conv_loss, conv_params, images, cpu) == "python"
+    assert resolve(lambda p, k, xs: loss(p, k, xs)[0], params, data[:8], cpu) == "scan"
+
+    class Accelerator:
+        platform = "gpu"
+
+    assert resolve(conv_loss, conv_params, images, [Accelerator()]) == "scan"
+    for given in ("scan", "python"):  # an explicit choice is kept
+        assert train._resolve_loop(given, conv_loss, optimizer, False, False, None, None, images, cpu) == given
 
 
 # --- the pure step -----------------------------------------------------------------
