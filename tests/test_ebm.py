@@ -1,6 +1,5 @@
-"""EBM maximum likelihood: the surrogate's gradient, CD and persistent chains, resumable state."""
+"""EBM maximum likelihood: the surrogate's gradient, CD and persistent chains (their resume: tests/test_resume.py)."""
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -94,20 +93,6 @@ def test_pcd_restarts_a_binomial_reinit_fraction_of_the_chains(fraction, key):
     if 0 < fraction < 1:  # the restarts are uniform on the box: mean 0, variance 1/3 per coordinate
         box = new[in_box]
         assert np.all(np.abs(box.mean(0)) < 5 * np.sqrt(1 / 3 / box.shape[0]))
-
-
-@pytest.mark.slow
-def test_pcd_run_stopped_and_resumed_restores_chains_exactly(tmp_path):
-    small = dict(hidden=(16,), n_train=512, n_test=256, batch_size=64, buffer_size=256, grid_n=32,
-                 checkpoint_every=10, log_every=10, steps_langevin=5, progress=False)
-    whole = ebm_mle.Config(workdir=str(tmp_path / "a"), steps=40, evaluations=1, **small)
-    _, hist_a, evals_a = ebm_mle.train(whole, "pcd")
-    half = ebm_mle.Config(workdir=str(tmp_path / "b"), steps=20, evaluations=1, **small)
-    ebm_mle.train(half, "pcd")
-    _, hist_b, evals_b = ebm_mle.train(dataclasses.replace(half, steps=40), "pcd")
-    assert [r["loss"] for r in hist_a] == [r["loss"] for r in hist_b]
-    # The resumed run may also carry the first half's evaluation (step 20); the final one is identical.
-    assert evals_a[-1] == evals_b[-1] and evals_a[-1]["step"] == 40
 
 
 @pytest.mark.slow

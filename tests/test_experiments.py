@@ -227,7 +227,8 @@ def test_benchmarks_run_at_a_tiny_size(tmp_path):
     import chain_throughput
     import trace_cost
 
-    rows = trace_cost.main(["--dims", "2", "--score-net-dims", "2", "--reps", "1", "--out", str(tmp_path / "t.json")])
+    rows = trace_cost.main(["--dims", "2", "--score-net-dims", "2", "--inference-dims", "2", "--memory-dims", "8",
+                            "--reps", "1", "--out", str(tmp_path / "t.json")])
     assert {r["method"] for r in rows} >= {"forward", "jacfwd", "jacrev", "hutchinson", "ssm", "dsm"}
     assert {r["net"] for r in rows} == {"energy", "score"}
     saved = json.loads((tmp_path / "t.json").read_text())["rows"]

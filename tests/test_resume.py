@@ -43,6 +43,11 @@ def _finalised_steps(checkpoints: Path):
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
 
 
+def _completes(command: list[str], env: dict) -> None:
+    proc = subprocess.run(command, env=env, capture_output=True)
+    assert proc.returncode == 0, f"{' '.join(command[1:3])} failed ({proc.returncode}): {proc.stderr.decode()[-3000:]}"
+
+
 def _kill_and_resume(tmp_path, script, args, run_dir="", kill_at=()):
     """Run once whole; run again killed 3 times and restarted with the same command each time; return
     the two workdirs. `run_dir` is where the checkpoints live. Without `kill_at` the kills come at random
@@ -51,7 +56,7 @@ def _kill_and_resume(tmp_path, script, args, run_dir="", kill_at=()):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_command(script, whole, args), check=True, env=env, capture_output=True)
+    _completes(_command(script, whole, args), env)
     for spec in kill_at:
         proc = subprocess.run(_command(script, killed, args), env=env | {"JSM_TEST_KILL_AT": spec},
                               capture_output=True)
@@ -72,7 +77,7 @@ def _kill_and_resume(tmp_path, script, args, run_dir="", kill_at=()):
         proc.wait()
         kills += 1
     assert kill_at or kills >= 2
-    subprocess.run(_command(script, killed, args), check=True, env=env, capture_output=True)
+    _completes(_command(script, killed, args), env)
     return whole / run_dir, killed / run_dir
 
 
