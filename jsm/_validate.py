@@ -39,11 +39,21 @@ def float_array(name: str, x, *, ndim: int | None = None) -> jax.Array:
     if ndim is not None and arr.ndim != ndim:
         want = {0: "a scalar", 1: "shape (d,)", 2: "shape (n, d)"}.get(ndim, f"rank {ndim}")
         raise ValueError(f"{name} must have {want}, got shape {tuple(arr.shape)}")
-    # Concrete values are checked with NumPy: jnp ops inside a trace would build tracers.
-    if is_concrete(x) and not np.all(np.isfinite(host := np.asarray(arr))):
+    # Concrete values are checked with NumPy, on x itself: inside a trace jnp.asarray(0.5) is a tracer.
+    host = _host(x) if is_concrete(x) else None
+    if host is not None and not np.all(np.isfinite(host)):
         n_bad = int(host.size - np.sum(np.isfinite(host)))
         raise ValueError(f"{name} must be finite, got {n_bad} non-finite value(s)")
     return arr
+
+
+def _host(x) -> np.ndarray | None:
+    """x as a NumPy array of numbers, or None when it holds traced values (a list of tracers, say)."""
+    try:
+        host = np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    return host if host.dtype.kind in "biuf" else None
 
 
 def batch(name: str, xs, *, dim: int | None = None) -> jax.Array:

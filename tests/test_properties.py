@@ -151,3 +151,12 @@ def test_every_objective_metric_and_sampler_returns_the_documented_shapes(n, d, 
         final, trace, info = jsm.samplers.run_chains(kernel, key, xs, 4, thin=2)
         chex.assert_shape([final.position, trace, info.acceptance_rate], [(n, d), (2, n, d), (n,)])
         chex.assert_type(final.position, FLOAT)
+
+
+def test_targets_built_from_python_numbers_inside_jit():
+    """Inside a trace jnp.asarray(0.5) is a tracer: validation reads Python numbers themselves."""
+    build = lambda: targets.GaussianMixture([[0.0, 0.0], [1.0, 1.0]], [0.5, 0.7], [1.0, 3.0])
+    x = jnp.array([0.3, -0.2])
+    np.testing.assert_allclose(jax.jit(lambda x: build().log_prob(x))(x), build().log_prob(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="scales must be finite, got 1 non-finite"):
+        jax.jit(lambda x: targets.GaussianMixture([[0.0, 0.0]], [float("nan")], [1.0]).log_prob(x))(x)
