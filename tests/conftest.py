@@ -17,6 +17,12 @@ X64 = bool(jax.config.jax_enable_x64)
 FLOAT = jnp.zeros(()).dtype  # the default float: float32, or float64 under JAX_ENABLE_X64
 
 
+def assert_same_params(a, b):
+    """Two pytrees (parameters, optimizer states) bitwise equal, leaf by leaf."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def tol(float32: float, float64: float) -> float:
     """A round-off-limited tolerance: `float64` when JAX_ENABLE_X64=1, else `float32`."""
     return float64 if X64 else float32

@@ -12,19 +12,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from jsm import nets, train
 
+from conftest import assert_same_params
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def assert_same_params(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 SMALL = ["--steps", "300", "--checkpoint-every", "30", "--log-every", "15", "--hidden", "32,32",

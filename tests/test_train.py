@@ -13,6 +13,8 @@ from flax import nnx
 import jsm
 from jsm import nets, objectives, train
 
+from conftest import assert_same_params
+
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,6 @@ def run(problem, workdir, steps, **kw):
               workdir=workdir, checkpoint_every=20, log_every=10, progress=False, has_aux=True) | kw
     return jsm.fit(loss, params, data, **kw)
 
-
-def assert_same_params(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_stop_and_resume_equals_uninterrupted(problem, tmp_path):
