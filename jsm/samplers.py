@@ -41,7 +41,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import log_ndtr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jsm import _validate
@@ -196,37 +195,44 @@ def ula(score_fn: Callable[..., Array], step_size: float) -> Kernel:
 # --- MALA --------------------------------------------------------------------------
 
 
+def _mala_value_and_grad(kernel: Kernel) -> Callable:
+    """(x, *args) -> (log p(x), ∇log p(x)): the user's pair when given (`value_and_grad=`), else autodiff."""
+    if kernel.options:
+        return _unwrap(kernel.options[0])
+    return jax.value_and_grad(kernel.fn)
+
+
 def _mala_init(kernel: Kernel, position: Array, *args) -> MALAState:
-    return MALAState(position, *jax.value_and_grad(kernel.fn)(position, *args))
-
-
-def _mala_log_q(to: Array, frm: MALAState, a) -> Array:
-    """log q(to | frm) + const, q(y | x) = N(y; x + a ∇log p(x), 2a I): -|r|² / (4a), summed over all entries."""
-    r = to - frm.position - a * frm.grad
-    return -jnp.vdot(r, r) / (4.0 * a)
+    return MALAState(position, *_mala_value_and_grad(kernel)(position, *args))
 
 
 def _mala_step(kernel: Kernel, key: Array, state: MALAState, *args) -> tuple[MALAState, Info]:
-    a = kernel.params["step_size"].astype(state.position.dtype)
-    # One draw of d + 1 normals, d = position.size: d for the proposal (reshaped to the
-    # position's shape, so a (2, 3) chain draws what its flattened (6,) twin draws), and one
-    # whose Φ(z) ~ U(0, 1) decides acceptance (log U = log Φ(z)): a third of the random bits
-    # of a split and two draws.
-    position = state.position
-    z = jax.random.normal(key, (position.size + 1,), position.dtype)
-    x = _langevin_move(position, state.grad, a, z[:-1].reshape(position.shape))
-    proposal = _mala_init(kernel, x, *args)
-    log_ratio = (proposal.log_prob - state.log_prob
-                 + _mala_log_q(state.position, proposal, a) - _mala_log_q(x, state, a))
-    finite = _finite(x) & jnp.isfinite(proposal.log_prob) & _finite(proposal.grad)
+    x = state.position
+    a = kernel.params["step_size"].astype(x.dtype)
+    # One draw of d + 1 uniforms on (-1, 1), d = x.size: z = sqrt(2) erf⁻¹(u) is exactly what
+    # jax.random.normal(key, (d + 1,)) returns, so the d proposal normals (reshaped to x's shape: a
+    # (2, 3) chain draws what its flattened (6,) twin draws) are those of one normal draw; the last
+    # uniform gives U = (1 + u_d) / 2 = Φ(z_d) ~ U(0, 1), which decides acceptance (U < α) without
+    # computing log Φ. A third of the random bits of a split and two draws.
+    lo = np.nextafter(np.array(-1.0, x.dtype), np.array(0.0, x.dtype))
+    u = jax.random.uniform(key, (x.size + 1,), x.dtype, lo, 1.0)
+    z = (np.sqrt(2.0).astype(x.dtype) * jax.lax.erf_inv(u[:-1])).reshape(x.shape)
+    y = _langevin_move(x, state.grad, a, z)
+    log_p, grad = _mala_value_and_grad(kernel)(y, *args)
+    # log q(x | y) - log q(y | x) with y = x + a g_x + sqrt(2a) z: the |z|²/2 of both terms cancels,
+    # leaving -G·(sqrt(a/2) z + a G / 4), G = g_x + g_y (no difference of two nearly equal positions).
+    g = state.grad + grad
+    log_ratio = log_p - state.log_prob - jnp.sum(g * (jnp.sqrt(0.5 * a) * z + 0.25 * a * g))
+    finite = _finite(y) & jnp.isfinite(log_p) & _finite(grad)
     log_ratio = jnp.where(finite & ~jnp.isnan(log_ratio), log_ratio, -jnp.inf)
     accept_prob = jnp.minimum(1.0, jnp.exp(log_ratio))
-    accepted = log_ndtr(z[-1]) < log_ratio
-    new = jax.tree.map(lambda p, s: jnp.where(accepted, p, s), proposal, state)
+    accepted = 0.5 * (1.0 + u[-1]) < accept_prob
+    new = jax.tree.map(lambda p, s: jnp.where(accepted, p, s), MALAState(y, log_p, grad), state)
     return new, Info(accept_prob, accepted, finite)
 
 
-def mala(log_prob_fn: Callable[..., Array], step_size: float) -> Kernel:
+def mala(log_prob_fn: Callable[..., Array], step_size: float, *,
+         value_and_grad: Callable[..., tuple[Array, Array]] | None = None) -> Kernel:
     """Metropolis-adjusted Langevin: propose x' = x + a ∇log p(x) + sqrt(2a) u, then accept with
 
         α = min(1, p(x') q(x | x') / (p(x) q(x' | x))),  q(y | x) ∝ exp(-|y - x - a ∇log p(x)|² / (4a)).
@@ -234,12 +240,27 @@ def mala(log_prob_fn: Callable[..., Array], step_size: float) -> Kernel:
     `log_prob_fn` may be unnormalised. A proposal whose log-density or gradient is
     not finite is rejected (its ratio counts as -inf), never accepted.
 
+    The kernel needs log p and ∇log p at every proposal; by default it takes both from
+    `jax.value_and_grad(log_prob_fn)`. A target that has them in closed form, sharing work
+    between the two, can give that pair instead:
+
+        mala(mix.log_prob, 0.1, value_and_grad=mix.log_prob_and_score)   # one softmax, not two passes
+
     Args:
       log_prob_fn: log p(x, *args) -> (); `args` come from `run_chains(..., args=)`; the
         gradient is taken in x only.
       step_size: a > 0, a scalar (data: a new value does not recompile).
+      value_and_grad: optional (x, *args) -> (log p(x), ∇log p(x)), the same log p as
+        `log_prob_fn` (up to a constant) and its gradient in x, computed together (e.g.
+        `jsm.targets.GaussianMixture.log_prob_and_score`). When given, the kernel calls it in
+        place of autodiff and never calls `log_prob_fn`. Static, like `log_prob_fn`: the
+        same function does not recompile.
     """
-    return Kernel(_mala_init, _mala_step, _static(log_prob_fn), {"step_size": _step_size(step_size)})
+    if value_and_grad is not None and not callable(value_and_grad):
+        raise TypeError("value_and_grad must be a function (x, *args) -> (log p(x), ∇log p(x)), got "
+                        f"{type(value_and_grad).__name__}")
+    options = () if value_and_grad is None else (_static(value_and_grad),)
+    return Kernel(_mala_init, _mala_step, _static(log_prob_fn), {"step_size": _step_size(step_size)}, options)
 
 
 # --- annealed Langevin ------------------------------------------------------------
@@ -398,8 +419,46 @@ class ChainInfo(NamedTuple):
     n_nonfinite: Array  # (n_chains,) int32 steps whose proposal was not finite
 
 
-@functools.partial(jax.jit, static_argnames=("n_steps", "thin"))
-def _run(kernel: Kernel, key: Array, x0: Array, args: tuple, n_steps: int, thin: int | None):
+# The chain loops are compiled with one XLA:CPU option. XLA:CPU (jaxlib 0.10) hands every f32
+# sum / max over >= 4096 elements to YNNPACK, whose reductions are slow on the many tiny
+# per-chain reductions of a vmapped step (over d = 2 entries, over 8 mixture components): on the
+# 8-mode mixture at 16k chains, MALA runs 1.7x and ULA 1.3x faster without them (blackjax's MALA
+# on the same target, compiled with this option, 2.9x). YNNPACK keeps the dots: an MLP energy's
+# matmuls are unchanged. Other backends ignore xla_cpu_* options; an XLA that no longer knows
+# this experimental flag compiles the loops as usual (`_loop_options_known`).
+_LOOP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.cache
+def _loop_options_known() -> bool:
+    """Whether this XLA accepts `_LOOP_OPTIONS`: checked once per process, on a one-op program."""
+    try:
+        one_op = jax.jit(lambda x: x + 1, compiler_options=_LOOP_OPTIONS)
+        one_op.lower(jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001  (XLA's error for an unknown option has no dedicated type)
+        return False
+    return True
+
+
+def _loop(fn: Callable, static_argnames: tuple) -> tuple[Callable, Callable]:
+    """fn jitted with `_LOOP_OPTIONS`, and plainly (see `_pick`)."""
+    return (jax.jit(fn, static_argnames=static_argnames, compiler_options=_LOOP_OPTIONS),
+            jax.jit(fn, static_argnames=static_argnames))
+
+
+def _pick(with_options: Callable, plain: Callable) -> Callable:
+    """The loop with `_LOOP_OPTIONS` when called at the top level, the plain one inside a transformation.
+
+    Only a top-level jit takes compiler options: run_chains inside the caller's jit, grad or
+    vmap is compiled with the caller's program, by its options.
+    """
+    from jax._src import core as _core  # no public API says whether a transformation is tracing us
+
+    top_level = getattr(_core, "trace_state_clean", lambda: False)()
+    return with_options if top_level and _loop_options_known() else plain
+
+
+def _run_impl(kernel: Kernel, key: Array, x0: Array, args: tuple, n_steps: int, thin: int | None):
     n_chains = x0.shape[0]
     state = jax.vmap(kernel.init, in_axes=(0,) + (None,) * len(args))(x0, *args)
     step = jax.vmap(kernel.step, in_axes=(0, 0) + (None,) * len(args))
@@ -424,6 +483,9 @@ def _run(kernel: Kernel, key: Array, x0: Array, args: tuple, n_steps: int, thin:
         carry, trace = jax.lax.scan(block, carry, jnp.arange(n_steps).reshape(-1, thin))
     state, acc, bad = carry
     return state, trace, ChainInfo(acc / n_steps, bad)
+
+
+_run, _run_plain = _loop(_run_impl, ("n_steps", "thin"))
 
 
 def shard_chains(x0: Array) -> Array:
@@ -477,7 +539,22 @@ def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | 
     Chain c at step t uses the key split(fold_in(key, t), n_chains)[c]; the same
     key and x0 give the same chains, on one device or many. Without `thin`
     nothing is stored per step, so memory does not grow with n_steps. Compiled once
-    per kernel function, shapes and `thin`: new step sizes and new `args` values reuse it.
+    per kernel function, shapes, key implementation and `thin`: new step sizes and new
+    `args` values reuse it.
+
+    Keys of any JAX implementation work (`jax.random.key(seed, impl=...)`); what repeats:
+      "threefry2x32" (the default): the same random numbers on any number of devices and
+        on CPU, GPU or TPU (so the same chains, up to each backend's rounding), for a given
+        JAX version and its settings (`jax_threefry_partitionable` changed them in JAX 0.5).
+      "rbg", "unsafe_rbg" (XLA's RngBitGenerator): the same chains on one device or many
+        (tested with 4 CPU devices), but not across backends or XLA versions. Under the
+        chains' vmap JAX draws every chain's numbers from the FIRST chain's key, so chain
+        c's numbers depend on n_chains and differ from `kernel.step(key_c, ...)` called
+        alone; the law sampled is the same. "unsafe_rbg" also derives keys (split,
+        fold_in) with RBG, of untested statistical quality. Meant for TPUs, where RBG is
+        the fast generator; on a CPU neither is reliably faster than threefry
+        (experiments/bench/chain_throughput.py: MALA with unsafe_rbg 1.5x faster at 1k
+        chains, 0.9x at 16k; rbg 0.8-0.9x).
 
     Several devices: the chains are split across all of them (`shard_chains`),
     with no change to the call; the compiler partitions the vmapped kernel along
@@ -488,7 +565,7 @@ def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | 
 
     Args:
       kernel: a `Kernel` (e.g. `mala(log_prob_fn, step_size)`, `from_blackjax(...)`).
-      key: PRNG key.
+      key: PRNG key, of any implementation (above).
       x0: (n_chains, *shape) initial positions: (n_chains, d), (n_chains, h, w, c), ...
       n_steps: number of steps, >= 1.
       thin: keep the positions every `thin` steps (n_steps must be a multiple).
@@ -510,7 +587,7 @@ def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | 
             raise ValueError(f"n_steps must be a multiple of thin={thin}, got n_steps={n_steps}")
     x0 = shard_chains(x0)
     kernel, args = _replicate_like((kernel, args), x0)
-    return _run(kernel, key, x0, args, n_steps, thin)
+    return _pick(_run, _run_plain)(kernel, key, x0, args, n_steps, thin)
 
 
 # --- step-size tuning ------------------------------------------------------------
@@ -569,7 +646,7 @@ def tune_step_size(
         initial_step_size = kernel.params["step_size"]
     x0 = shard_chains(x0)
     kernel, args = _replicate_like((kernel, args), x0)
-    log_a_bar, state, n_bad = _dual_averaging(
+    log_a_bar, state, n_bad = _pick(_dual_averaging, _dual_averaging_plain)(
         kernel, key, x0, args, n_steps, _float(target_acceptance), _float(initial_step_size))
     n_bad = int(n_bad)
     if n_bad:
@@ -584,8 +661,7 @@ def tune_step_size(
     return step, state
 
 
-@functools.partial(jax.jit, static_argnames=("n_steps",))
-def _dual_averaging(kernel: Kernel, key, x0, args: tuple, n_steps: int, delta, a0):
+def _dual_averaging_impl(kernel: Kernel, key, x0, args: tuple, n_steps: int, delta, a0):
     gamma, t0, kappa = 0.05, 10.0, 0.75
     mu = jnp.log(10.0 * a0)
     n_chains = x0.shape[0]
@@ -610,3 +686,6 @@ def _dual_averaging(kernel: Kernel, key, x0, args: tuple, n_steps: int, delta, a
     init = (state, zero, jnp.log(a0), zero, jnp.zeros((), jnp.int32))
     (state, _, _, log_a_bar, bad), _ = jax.lax.scan(one_step, init, jnp.arange(n_steps))
     return log_a_bar, state, bad
+
+
+_dual_averaging, _dual_averaging_plain = _loop(_dual_averaging_impl, ("n_steps",))

@@ -7,6 +7,9 @@ like an array) with
     log_z()         log Z = log ∫ exp(-f(x)) dx, in closed form       ()
     log_prob(x)     log p(x) = -f(x) - log Z                          ()
     score(x)        s(x) = ∇ log p(x) = -∇f(x), written out by hand   (d,)
+    log_prob_and_score(x)  (log p(x), s(x)) together; a mixture shares
+                    one softmax between them (for `samplers.mala`'s
+                    value_and_grad)                                   ((), (d,))
     sample(key, n)  n exact, independent samples                      (n, d)
     noised(sigma)   p_σ = p * N(0, σ² I) as a Gaussian or a GaussianMixture
                     (Gaussian, GaussianMixture, Ring; Banana and Funnel have no
@@ -14,7 +17,8 @@ like an array) with
 
 Functions of x take ONE example of shape (d,); batch them with `jax.vmap`.
 The energies are written so that a batch of them is a few dense matrix
-products (a mixture's |x - m_k|^2 as |x|^2 - 2 x·m_k + |m_k|^2).
+products (a mixture's |x - m_k|^2 as |x|^2 - 2 x·m_k + |m_k|^2); a mixture's
+log_prob_and_score, made for chain loops, sums the differences instead.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ class Target:
     def log_prob(self, x: Array) -> Array:
         """log p(x) = -f(x) - log Z."""
         return -self.energy(x) - self.log_z()
+
+    def log_prob_and_score(self, x: Array) -> tuple[Array, Array]:
+        """(log p(x), s(x)), the two closed forms; GaussianMixture computes them in one pass."""
+        return self.log_prob(x), self.score(x)
 
     def noised(self, sigma: float) -> Target:
         """p_σ = p * N(0, σ² I), where the convolution has a closed form (Gaussian, GaussianMixture, Ring)."""
@@ -171,6 +179,27 @@ class GaussianMixture(Target):
         r = jax.nn.softmax(self._log_components(x))
         precision = r / self.scales**2
         return precision @ self.means - jnp.sum(precision) * x
+
+    def log_prob_and_score(self, x: Array) -> tuple[Array, Array]:
+        """(log p(x), s(x)) in one pass: one set of exponentials serves both.
+
+        With a_k = log w_k - d log s_k - |x - m_k|² / (2 s_k²), c = max_k a_k and e_k = exp(a_k - c):
+            log p(x) = c + log Σ_k e_k - log Z,   s(x) = Σ_k e_k (m_k - x) / s_k² / Σ_k e_k.
+        Written with the differences m_k - x, not the matrix products of `energy`: in a vmapped chain
+        loop (`samplers.run_chains`), sums over the few k and d entries of one example run faster
+        than a batch of tiny (k, d) matmuls. (Under XLA:CPU's default options, which hand such sums
+        to YNNPACK, they do not: run_chains compiles its loop without that, see
+        `samplers._LOOP_OPTIONS`.)
+        """
+        diff = self.means - x  # (k, d)
+        log_w = jnp.log(self.weights) - jnp.log(jnp.sum(self.weights))
+        a = log_w - self.dim * jnp.log(self.scales) - 0.5 * jnp.sum(diff**2, axis=-1) / self.scales**2
+        c = jnp.max(a)
+        c = jnp.where(jnp.isfinite(c), c, 0.0)  # as logsumexp does: every a_k = -inf gives log p = -inf
+        e = jnp.exp(a - c)
+        total = jnp.sum(e)
+        precision = e / (total * self.scales**2)  # r_k / s_k²
+        return c + jnp.log(total) - self.log_z(), jnp.sum(precision[:, None] * diff, axis=0)
 
     def sample(self, key: Array, n: int) -> Array:
         k_comp, k_noise = jax.random.split(key)

@@ -21,9 +21,11 @@ def mala_kernel(gauss):
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mala_moments_within_ess_bounds(gauss, mala_kernel, seed):
-    key = jax.random.key(seed)
+@pytest.mark.parametrize("seed, impl", [(0, "threefry2x32"), (1, "threefry2x32"), (2, "threefry2x32"),
+                                        (0, "rbg"), (0, "unsafe_rbg")])
+def test_mala_moments_within_ess_bounds(gauss, mala_kernel, seed, impl):
+    """Keys of any implementation: rbg and unsafe_rbg keys draw other numbers, from the same law."""
+    key = jax.random.key(seed, impl=impl)
     x0 = gauss.sample(jax.random.fold_in(key, 1), 16)  # 16 chains started in the stationary law
     _, trace, info = S.run_chains(mala_kernel, key, x0, 2000, thin=1)
     assert 0.4 < float(info.acceptance_rate.mean()) < 0.95 and int(info.n_nonfinite.sum()) == 0
@@ -113,6 +115,7 @@ def test_run_chains_trace_thinning_and_determinism(gauss, mala_kernel):
         (lambda: S.run_chains(S.ula(lambda x, p: -x, 0.1), jax.random.key(0), jnp.zeros((2, 2)), 10, args={"p": 1.0}), TypeError, "args must be a tuple of pytrees.*got dict"),
         (lambda: S.mala(lambda x: -x @ x, 0.1).replace(step=0.2), ValueError, r"unknown parameter\(s\) \['step'\]; this kernel has \['step_size'\]"),
         (lambda: S.mala(lambda x: -x @ x, jnp.ones(2)), ValueError, r"step_size must be a scalar, got shape \(2,\)"),
+        (lambda: S.mala(lambda x: -x @ x, 0.1, value_and_grad=1.0), TypeError, r"value_and_grad must be a function .* got float"),
         (lambda: S.from_blackjax(lambda x: x), TypeError, "algorithm must be a blackjax SamplingAlgorithm"),
         (lambda: S.from_blackjax(object(), lambda x: x), TypeError, "algorithm must be a blackjax factory"),
         (lambda: S.from_blackjax(lambda f, **kw: None, lambda x: x, metric={"a": 1}), TypeError, "metric must be a float, an array or a hashable setting, got dict"),
@@ -136,8 +139,11 @@ print(len(jax.devices()), len(final.position.sharding.device_set))
 # Matrix-shaped positions (n_chains, 2, 3): the chain axis is split, each (2, 3) position stays whole.
 m0 = jax.random.normal(jax.random.key(2), (8, 2, 3))
 _, m_trace, _ = S.run_chains(S.mala(lambda x: -0.5 * jnp.sum(x**2), 0.3), jax.random.key(3), m0, 20, thin=10)
+# Keys of XLA's RngBitGenerator, with the mixture's closed-form pair.
+rbg = [S.run_chains(S.mala(t.log_prob, 0.3, value_and_grad=t.log_prob_and_score), jax.random.key(1, impl=impl), x0, 50,
+                    thin=25)[1] for impl in ("rbg", "unsafe_rbg")]
 np.save(sys.argv[1], np.concatenate([np.asarray(trace).ravel(), np.asarray(info.acceptance_rate),
-                                     np.asarray(m_trace).ravel()]))
+                                     np.asarray(m_trace).ravel(), *(np.asarray(r).ravel() for r in rbg)]))
 """
 
 
@@ -225,6 +231,10 @@ def _shifted_log_prob(x, m):
     return -0.5 * jnp.sum((x - m) ** 2)
 
 
+def _shifted_value_and_grad(x, m):
+    return _shifted_log_prob(x, m), -(x - m)
+
+
 def _shifted_score(x, sigma, m):
     return -(x - m) / (1.0 + sigma**2)
 
@@ -252,6 +262,12 @@ def test_new_step_sizes_args_and_rebuilt_kernels_compile_nothing(compilations):
     S.tune_step_size(S.mala(_shifted_log_prob, 0.1), key, x0, 20, args=(m1,))
     warm = len(compilations)
     assert warm >= 3  # the listener sees compilations at all
+
+    S.run_chains(S.mala(_shifted_log_prob, 0.1, value_and_grad=_shifted_value_and_grad), key, x0, 20, args=(m1,))
+    warm_pair = len(compilations)
+    S.run_chains(S.mala(_shifted_log_prob, 0.7, value_and_grad=_shifted_value_and_grad), key, x0, 20, args=(m2,))
+    assert len(compilations) == warm_pair  # the pair is static like log_prob_fn: rebuilt kernels reuse the loop
+    warm = len(compilations)
 
     kernel = S.mala(_shifted_log_prob, 0.3)  # rebuilt from the same function, a new step size
     again = S.run_chains(kernel, key, x0, 20, args=(m1,))[0].position
@@ -416,6 +432,60 @@ def test_matrix_shaped_chains_equal_their_flattened_twins():
     assert state.grad.shape == (5, 2, 3)
 
 
+def _never_called(x):
+    raise AssertionError("mala(log_prob_fn, a, value_and_grad=pair) must not call log_prob_fn")
+
+
+@pytest.mark.numerics
+def test_mala_given_the_closed_form_pair_runs_the_chains_of_autodiff():
+    """mala(f, a, value_and_grad=t.log_prob_and_score) runs mala(t.log_prob, a)'s chains, up to rounding, and
+    never calls f; on a mixture with unequal weights and scales in d = 3."""
+    t = targets.GaussianMixture(jnp.array([[-1.5, 0.0, 0.5], [1.5, 0.5, 0.0], [0.0, 1.5, -1.0]]),
+                                jnp.array([0.4, 0.8, 0.6]), jnp.array([1.0, 2.5, 0.5]))
+    key = jax.random.key(4)
+    x0 = t.sample(jax.random.fold_in(key, 1), 8)
+    plain = S.run_chains(S.mala(t.log_prob, 0.1), key, x0, 60, thin=6)
+    pair = S.run_chains(S.mala(_never_called, 0.1, value_and_grad=t.log_prob_and_score), key, x0, 60, thin=6)
+    np.testing.assert_allclose(pair[1], plain[1], rtol=tol(1e-5, 1e-12), atol=tol(1e-5, 1e-12))
+    np.testing.assert_allclose(pair[2].acceptance_rate, plain[2].acceptance_rate, rtol=tol(1e-5, 1e-12))
+    for got, want in ((pair[0].log_prob, plain[0].log_prob), (pair[0].grad, plain[0].grad)):
+        np.testing.assert_allclose(got, want, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
+    assert 0.3 < float(plain[2].acceptance_rate.mean()) < 0.95 and not np.allclose(plain[1][-1], x0)
+
+
+def test_an_xla_without_the_loop_options_compiles_the_loops_as_usual(monkeypatch):
+    """The chain loops' XLA:CPU option is experimental: an XLA that rejects it gets the plain loop, same chains."""
+    kernel, key, x0 = S.mala(_shifted_log_prob, 0.2), jax.random.key(6), jnp.ones((4, 3))
+    assert S._loop_options_known()  # this jaxlib knows the option
+    with_options = S.run_chains(kernel, key, x0, 30, args=(jnp.zeros(3),))[0].position
+    monkeypatch.setattr(S, "_LOOP_OPTIONS", {"xla_cpu_experimental_no_such_option": "true"})
+    S._loop_options_known.cache_clear()
+    try:
+        assert not S._loop_options_known()
+        before = S._run_plain._cache_size()
+        plain = S.run_chains(kernel, key, x0, 30, args=(jnp.zeros(3),))[0].position
+        assert S._run_plain._cache_size() == before + 1
+    finally:
+        S._loop_options_known.cache_clear()
+    np.testing.assert_allclose(plain, with_options, rtol=tol(1e-5, 1e-12), atol=tol(1e-6, 1e-12))
+    assert not np.allclose(plain, x0)
+
+
+def _minus(x):
+    return -x
+
+
+def test_run_chains_inside_jit_and_grad():
+    """Inside the caller's jit the loop is compiled with the caller's program; through ULA on N(0, I),
+    x' = (1 - a) x + sqrt(2a) u, so d x_n / d x_0 = (1 - a)^n."""
+    key, x0, kernel = jax.random.key(7), jnp.ones((4, 2)), S.ula(_minus, 0.1)
+    top = S.run_chains(kernel, key, x0, 5)[0].position
+    inside = jax.jit(lambda k, x: S.run_chains(kernel, k, x, 5)[0].position)(key, x0)
+    np.testing.assert_allclose(inside, top, rtol=tol(1e-6, 1e-12), atol=tol(1e-6, 1e-12))
+    grad = jax.grad(lambda x: jnp.sum(S.run_chains(kernel, key, x, 5)[0].position))(x0)
+    np.testing.assert_allclose(grad, np.full((4, 2), 0.9**5), rtol=tol(1e-5, 1e-12))
+
+
 def test_shard_chains_splits_the_first_axis_only():
     x0 = jnp.zeros((4, 2, 3))
     assert S.shard_chains(x0).shape == (4, 2, 3)
@@ -424,19 +494,22 @@ def test_shard_chains_splits_the_first_axis_only():
 @pytest.mark.numerics
 def test_mala_step_equals_the_obvious_reference_on_a_matrix():
     """One MALA step by hand: z = normal(key, (d + 1,)), d = 6; x' = x + a ∇log p + sqrt(2a) z[:6] as a (2, 3)
-    matrix; accept iff log Φ(z[6]) < log p(x') - log p(x) + log q(x | x') - log q(x' | x)."""
+    matrix; accept iff log Φ(z[6]) < log p(x') - log p(x) + log q(x | x') - log q(x' | x), both log q written out.
+
+    The kernel draws the uniforms behind z and accepts iff (1 + u_6) / 2 = Φ(z[6]) < α, with the log q terms
+    simplified: the same step, up to rounding."""
     from jax.scipy.special import log_ndtr
 
-    a, x = 0.3, _MEAN + 0.3
-    kernel = S.mala(_matrix_log_prob, a)
-    grad = jax.grad(_matrix_log_prob)
-    log_q = lambda to, frm: -jnp.sum((to - frm - a * grad(frm)) ** 2) / (4 * a)
+    x, grad = _MEAN + 0.3, jax.grad(_matrix_log_prob)
+    log_q = lambda to, frm, a: -jnp.sum((to - frm - a * grad(frm)) ** 2) / (4 * a)
     n_accepted = 0
-    for seed in range(12):
+    for seed in range(24):  # a large step (α mostly small) and a small one (α near 1)
+        a = 0.3 if seed < 12 else 0.03
+        kernel = S.mala(_matrix_log_prob, a)
         key = jax.random.key(seed)
         z = jax.random.normal(key, (7,))
         proposal = x + a * grad(x) + jnp.sqrt(2 * a) * z[:6].reshape(2, 3)
-        log_ratio = (_matrix_log_prob(proposal) - _matrix_log_prob(x) + log_q(x, proposal) - log_q(proposal, x))
+        log_ratio = (_matrix_log_prob(proposal) - _matrix_log_prob(x) + log_q(x, proposal, a) - log_q(proposal, x, a))
         accept = bool(log_ndtr(z[6]) < log_ratio)
         new, info = kernel.step(key, kernel.init(x))
         assert bool(info.is_accepted) == accept
@@ -444,4 +517,4 @@ def test_mala_step_equals_the_obvious_reference_on_a_matrix():
         np.testing.assert_allclose(info.acceptance_prob, min(1.0, float(jnp.exp(log_ratio))), rtol=tol(1e-4, 1e-10),
                                    atol=tol(1e-5, 1e-12))
         n_accepted += accept
-    assert 0 < n_accepted < 12  # both branches seen
+    assert 4 < n_accepted < 20  # both branches seen, often

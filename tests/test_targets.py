@@ -71,6 +71,40 @@ def test_score_is_minus_grad_energy(name, key):
     np.testing.assert_allclose(analytic, autodiff, rtol=tol(1e-4, 1e-10), atol=tol(1e-4, 1e-10))
 
 
+# Unequal weights (unnormalised, sum 6.5) and scales in d = 5: the mixture pair's harder case.
+MIXTURE5 = targets.GaussianMixture(
+    jnp.array([[-2.0, 0.0, 1.0, 0.5, 0.0], [2.0, 0.5, -1.0, 0.0, 1.0],
+               [0.0, 2.0, 0.0, -1.5, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0]]),
+    jnp.array([0.5, 1.0, 2.0, 0.7]),
+    jnp.array([1.0, 3.0, 0.5, 2.0]),
+)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("name", [*TARGETS, "mixture5"])
+def test_log_prob_and_score_equal_value_and_grad_of_log_prob(name, key):
+    """The pair (log p, s) of one pass equals jax.value_and_grad(log_prob), at samples and far out in the tails."""
+    t = MIXTURE5 if name == "mixture5" else TARGETS[name]
+    xs = t.sample(key, 32)
+    xs = jnp.concatenate([xs, 3.0 * xs[:8]])  # where one component takes nearly all the responsibility
+    pair = jax.jit(jax.vmap(t.log_prob_and_score))
+    autodiff = jax.jit(jax.vmap(jax.value_and_grad(t.log_prob)))
+    (log_p, score), (ref_log_p, ref_score) = pair(xs), autodiff(xs)
+    chex.assert_shape([log_p, score], [(40,), (40, t.dim)])
+    np.testing.assert_allclose(log_p, ref_log_p, rtol=tol(1e-5, 1e-12), atol=tol(1e-5, 1e-12))
+    np.testing.assert_allclose(score, ref_score, rtol=tol(1e-4, 1e-10), atol=tol(1e-4, 1e-10))
+
+
+@pytest.mark.parametrize("name", ["mixture", "mixture5"])
+def test_mixture_pair_is_minus_infinity_where_every_component_underflows(name):
+    """So far out that every |x - m_k|² overflows: log p = -inf, as logsumexp gives, not NaN.
+
+    (log_prob's expanded square |x|² - 2 x·m_k + |m_k|² can be inf - inf = NaN there.)"""
+    t = MIXTURE5 if name == "mixture5" else TARGETS[name]
+    log_p, _ = t.log_prob_and_score(jnp.full(t.dim, jnp.finfo(FLOAT).max / 4))
+    assert float(log_p) == -np.inf
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("name", ["mixture", "ring", "banana"])
 def test_log_z_matches_quadrature_2d(name):
