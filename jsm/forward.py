@@ -43,6 +43,15 @@ Jacobian, computed once and shared by the batch (for x @ W: W). `chunk_size` pus
 Jacobian's columns through in blocks (a seed of c rows of I per block, the Laplacian
 summed over blocks), bounding memory by n·c·width instead of n·d·width.
 
+The Laplacian alone (`laplacian_batch`) needs fewer Jacobian rows when x enters fn only
+through z = x W (W: (d, h), not depending on x) and d > h: then f(x) = g(z) and
+
+    Δ_x f = Σ_k e_kᵀ W H_g Wᵀ e_k = tr(H_g WᵀW) = Σ_j r_jᵀ H_g r_j
+
+for the rows r_j of any R with RᵀR = WᵀW, here W = Q R (reduced QR, R: (h, h)). So the jet
+starts at z with the seed Jacobian R, h rows instead of d: h/d of the Jacobian work. The
+Jacobian is then not ∂/∂x (it is ∂/∂u for z = u R), so only the Laplacian is returned this way.
+
 `forward_jet` (one example) folds too: under `jax.vmap` it calls `forward_jet_batch` on
 the whole batch (`jax.custom_batching.custom_vmap`), so `jax.vmap(forward_jet(f))` and
 `jax.grad` of a loss built from it take the folded path.
@@ -50,6 +59,7 @@ the whole batch (`jax.custom_batching.custom_vmap`), so `jax.vmap(forward_jet(f)
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -155,13 +165,24 @@ def forward_jet_batch(
     return jets
 
 
-def laplacian_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None) -> Callable[[Array], Array]:
-    """xs (n, *shape) -> Δfn(x_i) (n, ...): `forward_jet_batch(fn)(xs).laplacian`, the Jacobian not kept."""
+def laplacian_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None,
+                    _reduce: bool = True) -> Callable[[Array], Array]:
+    """xs (n, *shape) -> Δfn(x_i) (n, ...): `forward_jet_batch(fn)(xs).laplacian`, the Jacobian not kept.
+
+    When x enters fn only through one product z = x W with W (d, h) not depending on x (an MLP's
+    first layer, after reshapes of x at most) and h < d, the jet starts at z with the h rows of
+    R, W = Q R, instead of the d rows of I (Δf = tr(H_g WᵀW) = tr(H_g RᵀR)): h/d of the Jacobian
+    work, and `chunk_size` blocks R's h rows. The result is differentiable in W through the QR,
+    which needs W of full column rank h (its derivative solves with R): at a rank-deficient W
+    (a zero-initialised first layer) the Laplacian is right but its gradient in W is not finite.
+    `_reduce=False` keeps the d rows of I (for tests and benchmarks).
+    """
     _chunk_size(chunk_size)
 
     def lap(xs: Array) -> Array:
         flat = flattened(fn, _example_shape(xs))
-        return _by_blocks(flat, _rows(xs), True, chunk_size, lambda out, rows: (out.value, out.laplacian, None))[1]
+        return _by_blocks(flat, _rows(xs), True, chunk_size, lambda out, rows: (out.value, out.laplacian, None),
+                          reduce=_reduce)[1]
 
     return lap
 
@@ -226,33 +247,95 @@ def _rows(xs: Array) -> Array:
     return xs if xs.ndim == 2 else xs.reshape(xs.shape[0], -1)
 
 
-def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block):
+def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block, *, reduce: bool = False):
     """Push the jet of fn at xs (n, d) along the d columns of I, all at once or `chunk_size` at a time.
 
     block(out, rows) -> (value, summed, stacked): what one pass along the rows (c, d) of I keeps,
     with `summed` (n, ...) added over blocks (Laplacians, traces) and `stacked` (n, c, ...)
     joined along its axis 1 (Jacobians); either may be None.
+
+    `reduce` (the Laplacian only: `summed` must not depend on the basis): where x enters fn only
+    through z = x W with fewer columns h than d (`_input_product`), the jet starts at z along the
+    h rows of R, W = Q R, instead; `rows` are then rows of R, and Jacobians are along them.
     """
     n, d = xs.shape
     closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((d,), xs.dtype))
     if len(closed.jaxpr.outvars) != 1:
         raise ValueError(f"fn must return one array, got {len(closed.jaxpr.outvars)} outputs")
+    product = _input_product(closed.jaxpr, d) if reduce else None
 
     def columns(rows: Array):
-        seed = Jet(xs, _Seed(rows), jnp.zeros_like(xs) if second_order else None)
-        (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order)
+        if product is None:
+            seed = Jet(xs, _Seed(rows), jnp.zeros_like(xs) if second_order else None)
+            (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order)
+        else:  # x's own Jacobian is never used: the jet is seeded at z = x W with `rows`
+            seed = Jet(xs, None, None)
+            (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order, seed_at=(*product, rows))
         return block(_output(out, n, rows.shape[0], second_order), rows)
 
-    c = d if chunk_size is None else min(chunk_size, d)
-    if c == d:
-        return columns(jnp.eye(d, dtype=xs.dtype))
-    blocks = -(-d // c)  # the last block padded with zero rows: zero columns, nothing summed
-    value, summed, stacked = jax.lax.map(
-        jax.checkpoint(columns), jnp.eye(blocks * c, d, dtype=xs.dtype).reshape(blocks, c, d))
+    if product is None:
+        m, basis = d, lambda k: jnp.eye(k, d, dtype=xs.dtype)
+    else:
+        r = jnp.linalg.qr(_product_matrix(closed, *product, d), mode="r")  # (h, h), RᵀR = WᵀW
+        m, basis = r.shape[0], lambda k: jnp.pad(r, ((0, k - r.shape[0]), (0, 0)))
+    c = m if chunk_size is None else min(chunk_size, m)
+    if c == m:
+        return columns(jnp.eye(d, dtype=xs.dtype) if product is None else r)
+    blocks = -(-m // c)  # the last block padded with zero rows: zero columns, nothing summed
+    value, summed, stacked = jax.lax.map(jax.checkpoint(columns), basis(blocks * c).reshape(blocks, c, -1))
     if stacked is not None:
         stacked = jnp.moveaxis(stacked, 0, 1)  # (n, blocks, c, ...)
-        stacked = stacked.reshape((n, blocks * c) + stacked.shape[3:])[:, :d]
+        stacked = stacked.reshape((n, blocks * c) + stacked.shape[3:])[:, :m]
     return value[0], None if summed is None else jnp.sum(summed, axis=0), stacked
+
+
+def _input_product(jaxpr, d: int) -> tuple[int, int] | None:
+    """(i, k) when x, the jaxpr's one input (d,), enters it only through eqns[i], a dot_general that
+    contracts all of x's entries (x reshaped at most, its operand k) with an operand that does not
+    depend on x, into h < d outputs; else None. A Python walk over the jaxpr: it binds nothing.
+
+    Each of x's uses must be its only one: x, then any reshapes of it, then the product. So every
+    other equation before eqns[i] is independent of x, and so is the product's other operand."""
+    var, eqns = jaxpr.invars[0], jaxpr.eqns
+    while not any(v is var for v in jaxpr.outvars):
+        uses = [(i, k) for i, eqn in enumerate(eqns) for k, v in enumerate(eqn.invars) if v is var]
+        if len(uses) != 1:
+            return None
+        i, k = uses[0]
+        eqn = eqns[i]
+        if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is None:
+            var = eqn.outvars[0]
+            continue
+        if eqn.primitive.name != "dot_general":
+            return None
+        (contract, other_contract), (batch, _) = eqn.params["dimension_numbers"]
+        if k == 1:
+            contract = other_contract
+        h = math.prod(eqn.outvars[0].aval.shape)
+        full = sorted(contract) == list(range(len(var.aval.shape))) and not batch
+        return (i, k) if full and h < d and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact) else None
+    return None
+
+
+def _product_matrix(closed, i: int, k: int, d: int) -> Array:
+    """W (d, h) of the product z = x W at eqns[i] (`_input_product`): its rows indexed by x's d
+    entries in row-major order, its columns by z's entries in row-major order. The equations
+    before eqns[i] that do not depend on x are evaluated (under jit they are the same values the
+    interpreter computes)."""
+    jaxpr, eqn = closed.jaxpr, closed.jaxpr.eqns[i]
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    known = lambda v: isinstance(v, jcore.Literal) or v in env
+    for e in jaxpr.eqns[:i]:
+        if all(known(v) for v in e.invars):
+            env.update(zip(e.outvars, _bind(e, [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars])))
+    w_var = eqn.invars[1 - k]
+    w = w_var.val if isinstance(w_var, jcore.Literal) else env[w_var]
+    (lhs, rhs), _ = eqn.params["dimension_numbers"]
+    x_axes, w_axes = (lhs, rhs) if k == 0 else (rhs, lhs)
+    paired = dict(zip(x_axes, w_axes))
+    # dot_general's output: the free axes of the lhs, then of the rhs; x has none, so W's in order.
+    order = [paired[a] for a in range(len(x_axes))] + [a for a in range(jnp.ndim(w)) if a not in w_axes]
+    return jnp.transpose(w, order).reshape(d, -1)
 
 
 def folded(make: Callable[[Callable], Callable], fn: Callable[[Array], Array]) -> Callable[[Array], object]:
@@ -320,10 +403,14 @@ def _materialize(jet: Jet, n: int, c: int) -> Array:
     return jet.jacobian
 
 
-def _interpret(jaxpr, consts, args, second_order: bool) -> list:
+def _interpret(jaxpr, consts, args, second_order: bool, seed_at: tuple | None = None) -> list:
     """Evaluate a jaxpr of ONE example on batched jets. A value that depends on x is a Jet with a
     leading batch axis (jacobian None if it carries no derivative: indices, masks, stop_gradient);
-    constants (parameters, literals) are plain, unbatched arrays."""
+    constants (parameters, literals) are plain, unbatched arrays.
+
+    seed_at (i, k, rows): eqns[i] is the product z = x W of `_input_product`, its operand k
+    x-dependent: z's jet is seeded there with the Jacobian `rows` (c, h), shared by the batch,
+    and Laplacian 0 (z is linear in x)."""
     env = {}
 
     def read(v):
@@ -337,11 +424,21 @@ def _interpret(jaxpr, consts, args, second_order: bool) -> list:
         write(v, value)
     for v, value in zip(jaxpr.invars, args):
         write(v, value)
-    for eqn in jaxpr.eqns:
-        outs = _push_batch(eqn, [read(v) for v in eqn.invars], second_order)
+    for i, eqn in enumerate(jaxpr.eqns):
+        if seed_at is not None and i == seed_at[0]:
+            outs = _seeded_product(eqn, [read(v) for v in eqn.invars], *seed_at[1:], second_order)
+        else:
+            outs = _push_batch(eqn, [read(v) for v in eqn.invars], second_order)
         for v, value in zip(eqn.outvars, outs):
             write(v, value)
     return [read(v) for v in jaxpr.outvars]
+
+
+def _seeded_product(eqn, inputs: list, k: int, rows: Array, second_order: bool) -> list[Jet]:
+    """z = x W for the batch, with the seed Jacobian `rows` (c, h) as (c, *z.shape) and Laplacian 0."""
+    z = jax.vmap(lambda v: _bind(eqn, _substitute(inputs, [k], [v]))[0])(inputs[k].value)
+    seed = _Seed(rows.reshape(rows.shape[:1] + z.shape[1:]).astype(z.dtype))
+    return [Jet(z, seed, jnp.zeros_like(z) if second_order else None)]
 
 
 def _push_batch(eqn, inputs: list, second_order: bool) -> list:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jcore
 
 import jsm
 from jsm import forward, nets, objectives, targets
@@ -328,3 +329,78 @@ def test_bad_chunk_size_names_the_argument():
         forward.forward_jet_batch(jnp.sum, chunk_size=0)
     with pytest.raises(ValueError, match='chunk_size applies to method="forward"'):
         jsm.laplacian(jnp.sum, "jacfwd", chunk_size=2)
+
+
+def _dot_sizes(jaxpr) -> set[int]:
+    """The axis sizes of the operands of every matrix product in a jaxpr, nested calls included."""
+    sizes = {k for e in jaxpr.eqns if e.primitive.name == "dot_general" for v in e.invars for k in v.aval.shape}
+    return sizes.union(*(_dot_sizes(sub) for sub in jcore.subjaxprs(jaxpr)))
+
+
+def _first_layer_nets(d=12, h=5):
+    """An MLPEnergy (x @ W, h = 5 first) and a hand-written tanh MLP (W @ x: x the product's
+    second operand, W (h, d)), both with d > h, and the tanh MLP on a (3, 4) image (reshaped)."""
+    apply, params = nets.pure(nets.MLPEnergy(d, (h, 7), rngs=nnx.Rngs(3)))
+    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    tanh_params = in_default_float({"w1": jax.random.normal(k1, (h, d)) / 2, "b1": jnp.linspace(-1, 1, h),
+                                    "w2": jax.random.normal(k2, (6, h)), "w3": jax.random.normal(k3, (6,))})
+    tanh_mlp = lambda p, x: p["w3"] @ jnp.tanh(p["w2"] @ jnp.tanh(p["w1"] @ x + p["b1"]))
+    return [("mlp_energy", apply, in_default_float(params), (d,)), ("tanh_mlp", tanh_mlp, tanh_params, (d,)),
+            ("tanh_mlp_image", lambda p, x: tanh_mlp(p, x.reshape(-1)), tanh_params, (3, 4))]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("case", range(3), ids=["mlp_energy", "tanh_mlp", "tanh_mlp_image"])
+def test_laplacian_seeds_the_first_layer_when_it_is_narrower_than_x(case, key):
+    """x enters f only through z = x W, W (d, h), d = 12 > h = 5: laplacian_batch pushes h rows of R
+    (W = QR) from z instead of d rows of I from x. The result equals tr(jax.hessian), the d-row path
+    (`_reduce=False`), the chunked path (blocks of R's rows, the last one padded) and the vmapped
+    per-example Laplacian, whose jaxprs hold (n·h, ·) products and no (n·d, ·) one; the parameter
+    gradient of the mean Laplacian equals jacfwd's."""
+    _, apply, params, shape = _first_layer_nets()[case]
+    n, d, h = 4, 12, 5
+    xs = jax.random.normal(key, (n, *shape))
+    f = lambda p: (lambda x: apply(p, x))
+    paths = {"reduced": lambda p, xs: forward.laplacian_batch(f(p))(xs),
+             "d_rows": lambda p, xs: forward.laplacian_batch(f(p), _reduce=False)(xs),
+             "chunked": lambda p, xs: forward.laplacian_batch(f(p), chunk_size=2)(xs),
+             "vmapped": lambda p, xs: jax.vmap(jsm.laplacian(f(p), "forward"))(xs)}
+    hessian = lambda x: jnp.trace(jax.hessian(lambda z: f(params)(z.reshape(shape)))(x.reshape(-1)))
+    want = jax.vmap(hessian)(xs)
+    got = jax.jit(lambda p, xs: {k: g(p, xs) for k, g in paths.items()})(params, xs)
+    for name, lap in got.items():
+        np.testing.assert_allclose(lap, want, rtol=tol(2e-5, 1e-11), atol=tol(2e-5, 1e-11), err_msg=name)
+    for name in ("reduced", "vmapped"):
+        sizes = _dot_sizes(jax.make_jaxpr(paths[name])(params, xs).jaxpr)
+        assert n * h in sizes and n * d not in sizes, (name, sizes)
+    assert n * d in _dot_sizes(jax.make_jaxpr(paths["d_rows"])(params, xs).jaxpr)
+    mean = lambda p, m: jnp.mean(jax.vmap(jsm.laplacian(f(p), m))(xs))
+    grads = jax.jit(lambda p: (jax.grad(lambda q: jnp.mean(paths["reduced"](q, xs)))(p), jax.grad(mean)(p, "forward"),
+                               jax.grad(mean)(p, "jacfwd")))(params)
+    for a, b, c in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(a, c, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
+        np.testing.assert_allclose(b, c, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
+
+
+@pytest.mark.numerics
+def test_laplacian_keeps_the_identity_seed_otherwise(key):
+    """A first layer at least as wide as x (h = 12 >= d = 12, h = 16 > d = 5): the jaxpr is the
+    d-row one. x used twice (f(x) = mlp(x) + |x|², and x W beside W' x) at d > h: the same, and right."""
+    apply, params = mlp_energy()  # d = 5, h = 16
+    wide, wide_params = nets.pure(nets.MLPEnergy(12, (12,), rngs=nnx.Rngs(0)))
+    narrow, narrow_params = nets.pure(nets.MLPEnergy(12, (3, 3), rngs=nnx.Rngs(0)))
+    narrow_params = in_default_float(narrow_params)
+    v = jax.random.normal(jax.random.key(6), (3, 12))
+    cases = [(lambda x: apply(params, x), 5), (lambda x: wide(wide_params, x), 12),
+             (lambda x: narrow(narrow_params, x) + x @ x, 12),
+             (lambda x: narrow(narrow_params, x) * jnp.sum(jnp.sin(v @ x)), 12)]
+    for i, (f, d) in enumerate(cases):
+        xs = jax.random.normal(key, (3, d))
+        for chunk_size in (None, 2):
+            jaxprs = [str(jax.make_jaxpr(forward.laplacian_batch(f, chunk_size=chunk_size, _reduce=r))(xs))
+                      for r in (True, False)]
+            assert jaxprs[0] == jaxprs[1], (i, chunk_size)
+        if i >= 2:
+            want = jax.vmap(lambda x, f=f: jnp.trace(jax.hessian(f)(x)))(xs)
+            np.testing.assert_allclose(jax.jit(forward.laplacian_batch(f))(xs), want, rtol=tol(2e-5, 1e-11),
+                                       atol=tol(2e-5, 1e-11))

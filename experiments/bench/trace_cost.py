@@ -18,7 +18,10 @@ tr ∂s/∂x by "forward", "jacfwd" and "jacrev"): the measurements behind `meth
 
 An INFERENCE table (no parameter gradient) times the Laplacian alone on two networks, the
 energy above (batch 256) and a wide one (tanh, d -> 768-768-512-512 -> 1, batch 64):
-  forward    `jsm.forward.laplacian_batch(f)(xs)` (= forward_jet_batch(f)(xs).laplacian)
+  forward    `jsm.forward.laplacian_batch(f)(xs)` (= forward_jet_batch(f)(xs).laplacian); where d exceeds
+             the first layer's width h it seeds the h rows of W's QR factor R at z = x W (Δf = tr(H WᵀW))
+  forward_I  (only where d > h) the same with the d rows of I seeded at x (`_reduce=False`): the path
+             before that reduction, for the before/after ratio
   vmapped    `jax.vmap(jsm.laplacian(f, method="forward"))(xs)` (custom_vmap: the batched path)
   folx       `jax.vmap(folx.forward_laplacian(f))(xs).laplacian`
   jacfwd     `jax.vmap(jsm.laplacian(f, method="jacfwd"))(xs)`
@@ -116,10 +119,12 @@ def interleaved(fns: dict, *args, reps: int = 7) -> dict:
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def inference_laplacians(apply) -> dict:
+def inference_laplacians(apply, reduced: bool = False) -> dict:
+    """The Laplacian-only methods; `reduced` (d > the first layer's width) adds forward_I."""
     energy = lambda p: (lambda x: apply(p, x))
     out = {
         "forward": lambda p, xs: jsm.forward.laplacian_batch(energy(p))(xs),
+        **({"forward_I": lambda p, xs: jsm.forward.laplacian_batch(energy(p), _reduce=False)(xs)} if reduced else {}),
         "vmapped": lambda p, xs: jax.vmap(jsm.laplacian(energy(p), method="forward"))(xs),
         "jacfwd": lambda p, xs: jax.vmap(jsm.laplacian(energy(p), method="jacfwd"))(xs),
     }
@@ -128,7 +133,8 @@ def inference_laplacians(apply) -> dict:
     return out
 
 
-def inference_divergences(apply) -> dict:
+def inference_divergences(apply, reduced: bool = False) -> dict:
+    """The divergence methods (`reduced` unused: a divergence keeps the d rows of I)."""
     field = lambda p: (lambda x: apply(p, x))
     return {
         "forward": lambda p, xs: jsm.forward.divergence_batch(field(p))(xs)[1],
@@ -139,23 +145,25 @@ def inference_divergences(apply) -> dict:
 
 def inference_table(dims, reps: int) -> list[dict]:
     rows = []
-    nets_ = [("energy 3x128", lambda d: nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)), BATCH, inference_laplacians),
+    nets_ = [("energy 3x128", lambda d: nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)), BATCH, inference_laplacians,
+              HIDDEN[0]),
              ("wide tanh", lambda d: nets.MLPEnergy(d, WIDE, activation=jnp.tanh, rngs=nnx.Rngs(0)), WIDE_BATCH,
-              inference_laplacians),
-             ("score 3x128 (div)", lambda d: nets.MLPScore(d, HIDDEN, rngs=nnx.Rngs(0)), BATCH, inference_divergences)]
-    for net, build, batch, fns in nets_:
+              inference_laplacians, WIDE[0]),
+             ("score 3x128 (div)", lambda d: nets.MLPScore(d, HIDDEN, rngs=nnx.Rngs(0)), BATCH, inference_divergences,
+              HIDDEN[0])]
+    for net, build, batch, fns, width in nets_:
         for d in dims:
             apply, params = nets.pure(build(d))
             xs = jax.random.normal(jax.random.key(0), (batch, d))
-            times = interleaved({k: jax.jit(f) for k, f in fns(apply).items()}, params, xs, reps=reps)
+            times = interleaved({k: jax.jit(f) for k, f in fns(apply, d > width).items()}, params, xs, reps=reps)
             for name, (med, low) in times.items():
                 row = {"net": net, "d": d, "method": name, "ms": 1e3 * med, "ms_min": 1e3 * low,
                        "x_jacfwd": times["jacfwd"][0] / med}
                 if "folx" in times:
                     row["folx_over"] = times["folx"][0] / med  # > 1: faster than folx
                     row["folx_over_min"] = times["folx"][1] / low
-                if name == "vmapped":
-                    row["x_forward"] = med / times["forward"][0]
+                if name in ("vmapped", "forward_I"):
+                    row["x_forward"] = med / times["forward"][0]  # > 1: slower than forward
                 rows.append(row)
             print(f"{net} d={d}: " + ", ".join(f"{k} {1e3 * v[0]:.2f} ms" for k, v in times.items()), flush=True)
     return rows
