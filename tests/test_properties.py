@@ -84,9 +84,10 @@ def test_ism_and_dsm_of_a_linear_score_match_their_formulas(seed):
     np.testing.assert_allclose(dsm, want_dsm, rtol=tol(1e-4, 1e-10))
 
 
-@given(shape=st.sampled_from([(3,), (2, 3, 2), ()]))
+@given(shape=st.sampled_from([(3,), ()]))
 def test_wrong_ranks_are_refused(shape):
-    with pytest.raises(ValueError, match="xs must have shape"):
+    """A batch needs an axis of examples besides the example's own: (n, d), (n, h, w, c), ..."""
+    with pytest.raises(ValueError, match=r"xs must be a batch of shape \(n, \*example_shape\)"):
         O.ism(lambda x: -x, jnp.zeros(shape))
 
 
