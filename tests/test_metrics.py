@@ -93,7 +93,6 @@ def test_js_grid_is_symmetric_bounded_and_matches_1d_quadrature():
     assert np.log(2) - 1e-3 < float(metrics.js_grid(p.log_prob, far.log_prob, lo, hi, 4000)) <= np.log(2) + 1e-6
 
 
-@pytest.mark.numerics
 def test_kl_knn_converges_to_closed_form(two_gaussians):
     p, q = two_gaussians
     xs, ys = p.sample(jax.random.key(0), 4000), q.sample(jax.random.key(1), 4000)

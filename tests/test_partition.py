@@ -28,7 +28,6 @@ def test_grid_log_likelihood_is_the_exact_log_prob(mixture2, key):
     np.testing.assert_allclose(got, jnp.mean(jax.vmap(mixture2.log_prob)(xs)), atol=1e-5)
 
 
-@pytest.mark.numerics
 @pytest.mark.slow
 def test_ais_agrees_with_known_log_z_in_d10_within_its_error():
     a = jax.random.normal(jax.random.key(0), (10, 10)) * 0.3

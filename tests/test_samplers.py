@@ -318,7 +318,6 @@ def gauss10():
     return targets.Gaussian(jnp.linspace(-1.0, 1.0, 10), a @ a.T + 0.5 * jnp.eye(10))
 
 
-@pytest.mark.numerics
 def test_blackjax_nuts_through_run_chains_matches_the_moments_within_ess_bounds(gauss10):
     blackjax = pytest.importorskip("blackjax")
     kernel = S.from_blackjax(blackjax.nuts, gauss10.log_prob, step_size=0.4, inverse_mass_matrix=jnp.ones(10))
