@@ -54,7 +54,7 @@ class Config:
     n_levels: int = 10
     n_steps_each: int = 100
     step_size: float = 1e-4  # a at the last level: 0.04 σ_L²
-    snr: float = 0.0  # > 0: the signal-to-noise step rule (a per chain and step) instead of step_size
+    snr: float = 0.0  # > 0: the signal-to-noise step rule (norms averaged over the chains) instead of step_size
     learning_rate: float = 1e-3
     batch_size: int = 128
     net: str = dataclasses.field(default="mlp", metadata={

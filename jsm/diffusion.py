@@ -210,10 +210,11 @@ def reverse_sde(
       corrector (`corrector_steps` Langevin steps at t_{i+1}, jsm's convention, see
                  `jsm.samplers`): x <- x + a s(x, t) + sqrt(2a) u with a = 2 (snr |u| / |s|)²,
                  the norms |·| over all entries AVERAGED OVER THE BATCH, as in score_sde: one a
-                 per step, whose drift is `snr` times the noise on average. Per-example norms
-                 (jsm.samplers.annealed_langevin's rule) make a ∝ 1/|s_i|² heavy-tailed, since
-                 |s| -> 0 at a mode's centre: the samples' covariance came out 2-4x too large on
-                 a 2-D mixture and 30% off on a 10-D Gaussian, where the averaged rule is right;
+                 per step, whose drift is `snr` times the noise on average (the rule of
+                 `jsm.samplers.annealed_langevin(snr=)` under `run_chains` too). Per-example norms
+                 make a ∝ 1/|s_i|² heavy-tailed, since |s| -> 0 at a mode's centre: the samples'
+                 covariance came out 2-4x too large on a 2-D mixture and 30% off on a 10-D
+                 Gaussian, where the averaged rule is right;
       denoise:   x_0 = (x + σ² s(x, t_min)) / α at t_min (Tweedie), which removes the last
                  step's noise of size g sqrt(Δ), far above σ_{t_min}.
 

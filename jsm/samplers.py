@@ -149,6 +149,20 @@ def _step_size(step_size) -> Array:
     return _float(step_size)
 
 
+# The axis `run_chains` and `tune_step_size` vmap a kernel's step over: a kernel may average a
+# number over the chains with it (`_mean_over_chains`); the chains stay otherwise independent.
+CHAINS = "chains"
+
+
+def _mean_over_chains(v: Array) -> Array:
+    """v averaged over the chains when stepped by `run_chains` / `tune_step_size` (their vmap axis
+    `CHAINS`, across devices too); v itself for a kernel stepped on one chain alone."""
+    try:
+        return jax.lax.pmean(v, CHAINS)
+    except NameError:  # no enclosing vmap names the axis
+        return v
+
+
 def _langevin_move(x: Array, s: Array, a, u: Array) -> Array:
     """The convention, in one place: x + a s + sqrt(2a) u."""
     return x + a * s + jnp.sqrt(2.0 * a) * u
@@ -278,7 +292,8 @@ def _annealed_step(kernel: Kernel, key: Array, state: AnnealedState, *args) -> t
     s = kernel.fn(x, sigma, *args)
     u = jax.random.normal(key, x.shape, x.dtype)
     if "snr" in p:
-        a = 2.0 * (p["snr"].astype(x.dtype) * _norm(u) / _norm(s)) ** 2
+        noise_norm, score_norm = _mean_over_chains(jnp.stack([_norm(u), _norm(s)]))
+        a = 2.0 * (p["snr"].astype(x.dtype) * noise_norm / score_norm) ** 2
     else:
         a = (p["step_size"] * (sigma / sigmas[-1]) ** 2).astype(x.dtype)
     x = _langevin_move(x, s, a, u)
@@ -301,9 +316,13 @@ def annealed_langevin(
     Two rules for a_i; give exactly one of `step_size` and `snr`:
       geometric (Song & Ermon 2019):  a_i = step_size · σ_i² / σ_L²  (a fixed schedule);
       signal-to-noise (Song et al. 2021, the corrector of predictor-corrector sampling):
-          a_i = 2 (snr · |u| / |s(x, σ_i)|)² (norms over all entries), per chain and step, which makes the drift
-          exactly `snr` times the noise: |a s| = snr · sqrt(2a) |u|. Their step
-          x + ε s + sqrt(2ε) z is this library's with a = ε. Typical snr: 0.05-0.2.
+          a_i = 2 (snr · mean|u| / mean|s(x, σ_i)|)² at every step, the norms (over all entries of a
+          chain) averaged over the chains of `run_chains`, so that the drift is `snr` times the noise
+          on average. Their step x + ε s + sqrt(2ε) z is this library's with a = ε. Typical snr:
+          0.05-0.2. A kernel stepped on ONE chain alone (outside `run_chains`) uses that chain's
+          norms, |a s| = snr · sqrt(2a) |u| exactly; per chain the rule blows up where |s| ≈ 0 (a
+          mode's centre), which the average over chains avoids. The chains then share one step
+          size per step (the only thing they share).
 
     Args:
       score_fn: s(x, σ, *args) -> x.shape; `args` come from `run_chains(..., args=)`.
@@ -460,8 +479,8 @@ def _pick(with_options: Callable, plain: Callable) -> Callable:
 
 def _run_impl(kernel: Kernel, key: Array, x0: Array, args: tuple, n_steps: int, thin: int | None):
     n_chains = x0.shape[0]
-    state = jax.vmap(kernel.init, in_axes=(0,) + (None,) * len(args))(x0, *args)
-    step = jax.vmap(kernel.step, in_axes=(0, 0) + (None,) * len(args))
+    state = jax.vmap(kernel.init, in_axes=(0,) + (None,) * len(args), axis_name=CHAINS)(x0, *args)
+    step = jax.vmap(kernel.step, in_axes=(0, 0) + (None,) * len(args), axis_name=CHAINS)
 
     def one_step(carry, t):
         state, acc, bad = carry
@@ -558,7 +577,8 @@ def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | 
 
     Several devices: the chains are split across all of them (`shard_chains`),
     with no change to the call; the compiler partitions the vmapped kernel along
-    the chain axis, `args` are replicated, and chains never communicate. Several hosts:
+    the chain axis, `args` are replicated, and chains never communicate
+    (an annealed kernel's snr rule alone averages two norms over them, across devices too). Several hosts:
     call `jax.distributed.initialize()` on each, build x0 as one global array with
     `jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("chains")), local_x0)`,
     and call `run_chains` on every host with the same key.
@@ -666,8 +686,9 @@ def _dual_averaging_impl(kernel: Kernel, key, x0, args: tuple, n_steps: int, del
     mu = jnp.log(10.0 * a0)
     n_chains = x0.shape[0]
     kernel = kernel.replace(step_size=a0)
-    state = jax.vmap(kernel.init, in_axes=(0,) + (None,) * len(args))(x0, *args)
-    step = lambda kern, keys, state: jax.vmap(kern.step, in_axes=(0, 0) + (None,) * len(args))(keys, state, *args)
+    state = jax.vmap(kernel.init, in_axes=(0,) + (None,) * len(args), axis_name=CHAINS)(x0, *args)
+    step = lambda kern, keys, state: jax.vmap(kern.step, in_axes=(0, 0) + (None,) * len(args),
+                                              axis_name=CHAINS)(keys, state, *args)
 
     def one_step(carry, t):
         state, h, log_a, log_a_bar, bad = carry

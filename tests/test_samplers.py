@@ -517,3 +517,20 @@ def test_mala_step_equals_the_obvious_reference_on_a_matrix():
                                    atol=tol(1e-5, 1e-12))
         n_accepted += accept
     assert 4 < n_accepted < 20  # both branches seen, often
+
+
+def test_snr_rule_averages_the_norms_over_the_chains():
+    """Under run_chains a = 2 (r mean|u| / mean|s|)² (Song et al.'s corrector): chains at a mode's centre,
+    where |s| ≈ 0, take the common step instead of an unbounded one, and annealing N(0, 9 I) down to
+    σ = 0.01 on N(0, I)'s exact noised score ends at covariance (1 + σ²) I, up to ULA's O(a) bias."""
+    score = lambda x, sigma: -x / (1.0 + sigma**2)
+    sigmas = jnp.geomspace(3.0, 0.01, 8)
+    kernel = S.annealed_langevin(score, sigmas, 25, snr=0.16)
+    x0 = 3.0 * jax.random.normal(jax.random.key(0), (4000, 2))
+    x0 = x0.at[:100].set(0.0)  # |s| = 0 exactly: the per-chain rule's a is infinite there
+    final, _, info = S.run_chains(kernel, jax.random.key(1), x0, 8 * 25)
+    xs = np.asarray(final.position, np.float64)
+    assert int(info.n_nonfinite.sum()) == 0
+    # a ≈ 2 r² (1 + σ²) at the last level: ULA's stationary variance is v / (1 - a / (2v)) ≈ 1.03.
+    np.testing.assert_allclose(np.cov(xs.T), np.eye(2), atol=0.1)
+    np.testing.assert_allclose(xs.mean(0), 0.0, atol=0.08)
