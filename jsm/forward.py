@@ -173,8 +173,9 @@ def laplacian_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = No
     first layer, after reshapes of x at most) and h < d, the jet starts at z with the h rows of
     R, W = Q R, instead of the d rows of I (Δf = tr(H_g WᵀW) = tr(H_g RᵀR)): h/d of the Jacobian
     work, and `chunk_size` blocks R's h rows. The result is differentiable in W through the QR,
-    which needs W of full column rank h (its derivative solves with R): at a rank-deficient W
-    (a zero-initialised first layer) the Laplacian is right but its gradient in W is not finite.
+    whose derivative solves with R; a W that is rank-deficient or nearly so (R's smallest
+    diagonal entry under `RANK_TOLERANCE` times its largest: a zero-initialised first layer, say)
+    takes the d rows of I instead, at run time (`lax.cond`; both paths are compiled).
     `_reduce=False` keeps the d rows of I (for tests and benchmarks).
     """
     _chunk_size(chunk_size)
@@ -256,13 +257,41 @@ def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block,
 
     `reduce` (the Laplacian only: `summed` must not depend on the basis): where x enters fn only
     through z = x W with fewer columns h than d (`_input_product`), the jet starts at z along the
-    h rows of R, W = Q R, instead; `rows` are then rows of R, and Jacobians are along them.
+    h rows of R, W = Q R, instead; `rows` are then rows of R, and Jacobians are along them. A W
+    whose R has a diagonal entry under RANK_TOLERANCE of its largest keeps the d rows of I.
     """
     n, d = xs.shape
     closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((d,), xs.dtype))
     if len(closed.jaxpr.outvars) != 1:
         raise ValueError(f"fn must return one array, got {len(closed.jaxpr.outvars)} outputs")
     product = _input_product(closed.jaxpr, d) if reduce else None
+    if product is None:
+        return _push_rows(closed, xs, second_order, chunk_size, block, None, jnp.eye(d, dtype=xs.dtype))
+    w = _product_matrix(closed, *product, d)
+    # QR's derivative solves with R: at a (nearly) rank-deficient W it is not finite, or not accurate.
+    # Such a W takes the d rows of I, whose derivative solves nothing. lax.cond runs one branch, and
+    # the differentiated QR lives inside its branch, so the other's derivative is never formed.
+    return jax.lax.cond(
+        _full_rank(w),
+        lambda: _push_rows(closed, xs, second_order, chunk_size, block, product,
+                           jnp.linalg.qr(w, mode="r")),  # (h, h), RᵀR = WᵀW
+        lambda: _push_rows(closed, xs, second_order, chunk_size, block, None, jnp.eye(d, dtype=xs.dtype)))
+
+
+# The first-layer seed is used when R's smallest diagonal entry exceeds this fraction of its largest.
+RANK_TOLERANCE = 1e-3
+
+
+def _full_rank(w: Array) -> Array:
+    """Whether W (d, h) has h independent columns to RANK_TOLERANCE (its R's diagonal); no derivative."""
+    diag = jnp.abs(jnp.diagonal(jnp.linalg.qr(jax.lax.stop_gradient(w), mode="r")))
+    return jnp.min(diag) > RANK_TOLERANCE * jnp.max(diag)
+
+
+def _push_rows(closed, xs: Array, second_order: bool, chunk_size: int | None, block, product, basis: Array):
+    """The jet of the closed jaxpr at xs (n, d) along the rows of `basis` (m, d) — or, with `product`,
+    seeded at z = x W along the rows of `basis` (m, h) — all at once or `chunk_size` rows at a time."""
+    n = xs.shape[0]
 
     def columns(rows: Array):
         if product is None:
@@ -273,16 +302,13 @@ def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block,
             (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order, seed_at=(*product, rows))
         return block(_output(out, n, rows.shape[0], second_order), rows)
 
-    if product is None:
-        m, basis = d, lambda k: jnp.eye(k, d, dtype=xs.dtype)
-    else:
-        r = jnp.linalg.qr(_product_matrix(closed, *product, d), mode="r")  # (h, h), RᵀR = WᵀW
-        m, basis = r.shape[0], lambda k: jnp.pad(r, ((0, k - r.shape[0]), (0, 0)))
+    m = basis.shape[0]
     c = m if chunk_size is None else min(chunk_size, m)
     if c == m:
-        return columns(jnp.eye(d, dtype=xs.dtype) if product is None else r)
+        return columns(basis)
     blocks = -(-m // c)  # the last block padded with zero rows: zero columns, nothing summed
-    value, summed, stacked = jax.lax.map(jax.checkpoint(columns), basis(blocks * c).reshape(blocks, c, -1))
+    padded = jnp.pad(basis, ((0, blocks * c - m), (0, 0)))
+    value, summed, stacked = jax.lax.map(jax.checkpoint(columns), padded.reshape(blocks, c, -1))
     if stacked is not None:
         stacked = jnp.moveaxis(stacked, 0, 1)  # (n, blocks, c, ...)
         stacked = stacked.reshape((n, blocks * c) + stacked.shape[3:])[:, :m]

@@ -371,8 +371,10 @@ def test_laplacian_seeds_the_first_layer_when_it_is_narrower_than_x(case, key):
     for name, lap in got.items():
         np.testing.assert_allclose(lap, want, rtol=tol(2e-5, 1e-11), atol=tol(2e-5, 1e-11), err_msg=name)
     for name in ("reduced", "vmapped"):
-        sizes = _dot_sizes(jax.make_jaxpr(paths[name])(params, xs).jaxpr)
-        assert n * h in sizes and n * d not in sizes, (name, sizes)
+        # A lax.cond: the first-layer seed for a W of full rank (branch 1), the d rows otherwise (branch 0).
+        fallback, seeded = _first_layer_cond(jax.make_jaxpr(paths[name])(params, xs).jaxpr).params["branches"]
+        assert n * h in _dot_sizes(seeded.jaxpr) and n * d not in _dot_sizes(seeded.jaxpr), name
+        assert n * d in _dot_sizes(fallback.jaxpr), name
     assert n * d in _dot_sizes(jax.make_jaxpr(paths["d_rows"])(params, xs).jaxpr)
     mean = lambda p, m: jnp.mean(jax.vmap(jsm.laplacian(f(p), m))(xs))
     grads = jax.jit(lambda p: (jax.grad(lambda q: jnp.mean(paths["reduced"](q, xs)))(p), jax.grad(mean)(p, "forward"),
@@ -380,6 +382,33 @@ def test_laplacian_seeds_the_first_layer_when_it_is_narrower_than_x(case, key):
     for a, b, c in zip(*map(jax.tree.leaves, grads)):
         np.testing.assert_allclose(a, c, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
         np.testing.assert_allclose(b, c, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
+
+
+def _first_layer_cond(jaxpr):
+    """The one `cond` equation in a jaxpr or the jaxprs nested in it."""
+    found = [e for e in jaxpr.eqns if e.primitive.name == "cond" and not e.params.get("branches_platforms")]
+    found += [c for sub in jcore.subjaxprs(jaxpr) if (c := _first_layer_cond(sub)) is not None]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+@pytest.mark.numerics
+def test_a_rank_deficient_first_layer_takes_the_d_rows_and_keeps_a_finite_gradient(key):
+    """W with a zero column (a dead first-layer unit): QR's derivative would divide by R's zero
+    diagonal; the run-time fallback to the d rows of I gives the Hessian's trace and jacfwd's gradient."""
+    _, apply, params, _ = _first_layer_nets()[1]
+    params = dict(params, w1=params["w1"].at[2].set(0.0))  # W = w1ᵀ (12, 5) of rank 4
+    w = params["w1"].T
+    assert bool(forward._full_rank(w.at[:, 2].set(1e-2))) and not bool(forward._full_rank(w))
+    xs = jax.random.normal(key, (4, 12))
+    mean = lambda p, m: jnp.mean(jax.vmap(jsm.laplacian(lambda x: apply(p, x), m))(xs))
+    want = jax.vmap(lambda x: jnp.trace(jax.hessian(lambda z: apply(params, z))(x)))(xs)
+    got = jax.jit(forward.laplacian_batch(lambda x: apply(params, x)))(xs)
+    np.testing.assert_allclose(got, want, rtol=tol(2e-5, 1e-11), atol=tol(2e-5, 1e-11))
+    g_forward, g_jacfwd = jax.jit(lambda p: (jax.grad(mean)(p, "forward"), jax.grad(mean)(p, "jacfwd")))(params)
+    for a, b in zip(jax.tree.leaves(g_forward), jax.tree.leaves(g_jacfwd), strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
 
 
 @pytest.mark.numerics
