@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.extend import core as jcore
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -224,7 +225,7 @@ def _make_chunk(loss_fn, optimizer: optax.GradientTransformation, batch_size: in
     arguments, so that calling `fit` again with the same loss and optimizer objects (resuming in
     the same process) compiles nothing new.
     """
-    step = make_step(loss_fn if stateful else stateless(loss_fn, has_aux=has_aux), optimizer, ema_decay=ema_decay)
+    step = _training_step(loss_fn, optimizer, stateful, has_aux, ema_decay)
 
     def body(carry, data: Array, data_key: Array, end: Array):
         state, halted = carry
@@ -261,21 +262,18 @@ def _make_chunk(loss_fn, optimizer: optax.GradientTransformation, batch_size: in
         metrics, taken = jax.tree.map(lambda *xs: np.stack(xs), *outputs)
         return (*carry, metrics, taken)
 
-    run_python_chunk.one_step = one_step
     return run_python_chunk
+
+
+def _training_step(loss_fn, optimizer, stateful: bool, has_aux: bool, ema_decay):
+    """`make_step` of fit's loss, through `stateless` when it carries no objective state."""
+    return make_step(loss_fn if stateful else stateless(loss_fn, has_aux=has_aux), optimizer, ema_decay=ema_decay)
 
 
 def _primitive_names(jaxpr) -> set[str]:
     """The names of the primitives in a jaxpr and in every jaxpr nested in its equations."""
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
-                if hasattr(sub, "eqns"):
-                    names |= _primitive_names(sub)
-    return names
+    names = {eqn.primitive.name for eqn in jaxpr.eqns}
+    return names.union(*map(_primitive_names, jcore.subjaxprs(jaxpr)))
 
 
 def _resolve_loop(loop: str, loss_fn, optimizer, stateful: bool, has_aux: bool, ema_decay, state: TrainState,
@@ -291,7 +289,7 @@ def _resolve_loop(loop: str, loss_fn, optimizer, stateful: bool, has_aux: bool, 
         return loop
     if any(d.platform != "cpu" for d in devices):
         return "scan"
-    step = make_step(loss_fn if stateful else stateless(loss_fn, has_aux=has_aux), optimizer, ema_decay=ema_decay)
+    step = _training_step(loss_fn, optimizer, stateful, has_aux, ema_decay)
     names = _primitive_names(jax.make_jaxpr(step)(state, batch).jaxpr)
     return "python" if "conv_general_dilated" in names else "scan"
 
