@@ -8,7 +8,7 @@ is concrete; under `jit` they are skipped, since the caller was checked already.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -153,25 +153,22 @@ def _output_shape(name: str, out, x) -> tuple:
 def same_shape(name: str, fn):
     """fn, checked (at trace time, no cost after) to map ONE example x, and any further arguments, to
     an array of x's shape: a vector field or score, shape -> shape."""
-
-    def checked(x, *args):
-        out = fn(x, *args)
-        if _output_shape(name, out, x) != tuple(jnp.shape(x)):
-            raise ValueError(f"{name} must map one example of shape {tuple(jnp.shape(x))} to the same shape, "
-                             f"got shape {tuple(jnp.shape(out))}")
-        return out
-
-    return checked
+    return _output_checked(name, fn, lambda x: tuple(jnp.shape(x)), "the same shape")
 
 
 def scalar_valued(name: str, fn):
     """fn, checked (at trace time, no cost after) to map ONE example x, and any further arguments, to
     a scalar: an energy, shape -> ()."""
+    return _output_checked(name, fn, lambda x: (), "a scalar")
+
+
+def _output_checked(name: str, fn, want: Callable, what: str):
+    """fn, whose output for one example x must have the shape want(x) (`what`, in the error)."""
 
     def checked(x, *args):
         out = fn(x, *args)
-        if _output_shape(name, out, x) != ():
-            raise ValueError(f"{name} must map one example of shape {tuple(jnp.shape(x))} to a scalar, "
+        if _output_shape(name, out, x) != want(x):
+            raise ValueError(f"{name} must map one example of shape {tuple(jnp.shape(x))} to {what}, "
                              f"got shape {tuple(jnp.shape(out))}")
         return out
 
