@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jsm import _validate
+from jsm import _jax_internals, _validate
 
 Array = jax.Array
 
@@ -374,14 +374,16 @@ def folded(make: Callable[[Callable], Callable], fn: Callable[[Array], Array]) -
     the per-example route: correct, not folded. custom_vmap has no reverse mode, so where the
     innermost transformation is reverse-mode AD (`jax.grad` of ONE example's value, or
     `jax.vmap(jax.grad(...))`) the per-example route is taken too, as it is for a `jax.jit`-ed
-    function of one example that is later differentiated by reverse mode inside a vmap.
+    function of one example that is later differentiated by reverse mode inside a vmap. Telling
+    reverse mode apart needs a private JAX name (`jsm._jax_internals.in_reverse_mode`); where it
+    is unavailable the per-example route is taken everywhere: the same values, never folded.
     """
 
     def plain(x: Array, f: Callable) -> object:
         return jax.tree.map(lambda a: a[0], make(f)(x[None]))
 
     def one(x: Array) -> object:
-        if _reverse_mode():
+        if _jax_internals.in_reverse_mode():  # custom_vmap has no reverse mode
             return plain(x, fn)
         fn_c, consts = jax.closure_convert(fn, x)  # parameters as explicit inputs, to see if they are batched
 
@@ -402,15 +404,6 @@ def folded(make: Callable[[Callable], Callable], fn: Callable[[Array], Array]) -
         return per_example(x, list(consts))
 
     return one
-
-
-def _reverse_mode() -> bool:
-    """Is the innermost transformation reverse-mode AD (linearize), which custom_vmap cannot take?"""
-    try:
-        from jax._src import core as _core  # no public API says which trace is current
-        return type(_core.trace_ctx.trace).__name__ == "LinearizeTrace"
-    except Exception:  # noqa: BLE001 - unknown JAX internals: take the route that always works
-        return True
 
 
 def _output(out, n: int, c: int, second_order: bool) -> Jet:

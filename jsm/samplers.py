@@ -29,7 +29,8 @@ function compiles nothing:
 A lambda written in a loop or a training step is a NEW function each time it is built,
 and compiles anew: `mala(lambda x: log_prob(params, x), a)` recompiles for every params;
 pass them through `args` instead. `from_blackjax` runs blackjax's kernels (NUTS, HMC,
-...) under the same loop. ESS and R-hat live in `jsm.diagnostics` (re-exported here for now).
+...) under the same loop. ESS and R-hat live in `jsm.diagnostics`; the diffusion samplers
+(reverse-time SDE, probability flow) in `jsm.diffusion`, which takes its Langevin corrector from here.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jsm import _validate
-from jsm.diagnostics import effective_sample_size, split_rhat  # noqa: F401  (re-exported; use jsm.diagnostics)
-# The diffusion samplers: reverse-time SDE (predictor-corrector), probability-flow ODE, guidance.
-from jsm.diffusion import encode, guided, probability_flow, reverse_sde  # noqa: F401
+from jsm import _compat, _jax_internals, _validate
+
+__all__ = [
+    "CHAINS", "AnnealedState", "Info", "Kernel", "LangevinState", "MALAState", "annealed_langevin",
+    "from_blackjax", "langevin_move", "mala", "run_chains", "shard_chains", "snr_langevin_move", "tune_step_size",
+    "ula",
+]
 
 Array = jax.Array
 
@@ -163,13 +167,27 @@ def _mean_over_chains(v: Array) -> Array:
         return v
 
 
-def _langevin_move(x: Array, s: Array, a, u: Array) -> Array:
-    """The convention, in one place: x + a s + sqrt(2a) u."""
+def langevin_move(x: Array, s: Array, a, u: Array) -> Array:
+    """The convention, in one place: x' = x + a s + sqrt(2a) u, for a score s at x and noise u ~ N(0, I)."""
     return x + a * s + jnp.sqrt(2.0 * a) * u
 
 
+def snr_langevin_move(x: Array, s: Array, u: Array, snr) -> Array:
+    """The Langevin corrector of Song et al. (2021): `langevin_move` with a = 2 (snr ⟨|u|⟩ / ⟨|s|⟩)².
+
+    |·| is the norm over all of one chain's entries and ⟨·⟩ the mean over the chains of
+    `run_chains` (their vmap axis `CHAINS`, across devices too), so the drift a|s| is `snr` times
+    the noise sqrt(2a)|u| on average, with one a for all chains. Per chain, a ∝ 1/|s|² would blow
+    up at a mode's centre (|s| -> 0). Used by `annealed_langevin(snr=)` and by
+    `jsm.diffusion.reverse_sde`'s corrector.
+    """
+    noise_norm, score_norm = _mean_over_chains(jnp.stack([_norm(u), _norm(s)]))
+    a = 2.0 * (jnp.asarray(snr, x.dtype) * noise_norm / score_norm) ** 2
+    return langevin_move(x, s, a, u)
+
+
 def _langevin_proposal(key: Array, x: Array, s: Array, a) -> Array:
-    return _langevin_move(x, s, a, jax.random.normal(key, x.shape, x.dtype))
+    return langevin_move(x, s, a, jax.random.normal(key, x.shape, x.dtype))
 
 
 def _finite(x: Array) -> Array:
@@ -231,7 +249,7 @@ def _mala_step(kernel: Kernel, key: Array, state: MALAState, *args) -> tuple[MAL
     lo = np.nextafter(np.array(-1.0, x.dtype), np.array(0.0, x.dtype))
     u = jax.random.uniform(key, (x.size + 1,), x.dtype, lo, 1.0)
     z = (np.sqrt(2.0).astype(x.dtype) * jax.lax.erf_inv(u[:-1])).reshape(x.shape)
-    y = _langevin_move(x, state.grad, a, z)
+    y = langevin_move(x, state.grad, a, z)
     log_p, grad = _mala_value_and_grad(kernel)(y, *args)
     # log q(x | y) - log q(y | x) with y = x + a g_x + sqrt(2a) z: the |z|²/2 of both terms cancels,
     # leaving -G·(sqrt(a/2) z + a G / 4), G = g_x + g_y (no difference of two nearly equal positions).
@@ -292,11 +310,9 @@ def _annealed_step(kernel: Kernel, key: Array, state: AnnealedState, *args) -> t
     s = kernel.fn(x, sigma, *args)
     u = jax.random.normal(key, x.shape, x.dtype)
     if "snr" in p:
-        noise_norm, score_norm = _mean_over_chains(jnp.stack([_norm(u), _norm(s)]))
-        a = 2.0 * (p["snr"].astype(x.dtype) * noise_norm / score_norm) ** 2
+        x = snr_langevin_move(x, s, u, p["snr"])
     else:
-        a = (p["step_size"] * (sigma / sigmas[-1]) ** 2).astype(x.dtype)
-    x = _langevin_move(x, s, a, u)
+        x = langevin_move(x, s, (p["step_size"] * (sigma / sigmas[-1]) ** 2).astype(x.dtype), u)
     one = jnp.ones((), x.dtype)
     return AnnealedState(x, state.t + 1), Info(one, jnp.bool_(True), _finite(x))
 
@@ -438,43 +454,24 @@ class ChainInfo(NamedTuple):
     n_nonfinite: Array  # (n_chains,) int32 steps whose proposal was not finite
 
 
-# The chain loops are compiled with one XLA:CPU option. XLA:CPU (jaxlib 0.10) hands every f32
-# sum / max over >= 4096 elements to YNNPACK, whose reductions are slow on the many tiny
-# per-chain reductions of a vmapped step (over d = 2 entries, over 8 mixture components): on the
-# 8-mode mixture at 16k chains, MALA runs 1.7x and ULA 1.3x faster without them (blackjax's MALA
-# on the same target, compiled with this option, 2.9x). YNNPACK keeps the dots: an MLP energy's
-# matmuls are unchanged. Other backends ignore xla_cpu_* options; an XLA that no longer knows
-# this experimental flag compiles the loops as usual (`_loop_options_known`).
-_LOOP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
-@functools.cache
-def _loop_options_known() -> bool:
-    """Whether this XLA accepts `_LOOP_OPTIONS`: checked once per process, on a one-op program."""
-    try:
-        one_op = jax.jit(lambda x: x + 1, compiler_options=_LOOP_OPTIONS)
-        one_op.lower(jax.ShapeDtypeStruct((), jnp.float32)).compile()
-    except Exception:  # noqa: BLE001  (XLA's error for an unknown option has no dedicated type)
-        return False
-    return True
-
-
+# The chain loops are compiled with one experimental XLA:CPU option, `_jax_internals.CPU_LOOP_OPTIONS`:
+# it keeps XLA:CPU's YNNPACK off the many tiny per-chain reductions of a vmapped step (MALA 1.7x, ULA
+# 1.3x faster on the 8-mode mixture at 16k chains; the module says more). An XLA that no longer knows
+# the option, or a call inside the caller's transformation, gets the loop compiled plainly.
 def _loop(fn: Callable, static_argnames: tuple) -> tuple[Callable, Callable]:
-    """fn jitted with `_LOOP_OPTIONS`, and plainly (see `_pick`)."""
-    return (jax.jit(fn, static_argnames=static_argnames, compiler_options=_LOOP_OPTIONS),
+    """fn jitted with the loop options, and plainly (see `_pick`)."""
+    return (jax.jit(fn, static_argnames=static_argnames, compiler_options=_jax_internals.CPU_LOOP_OPTIONS),
             jax.jit(fn, static_argnames=static_argnames))
 
 
 def _pick(with_options: Callable, plain: Callable) -> Callable:
-    """The loop with `_LOOP_OPTIONS` when called at the top level, the plain one inside a transformation.
+    """The loop with the loop options when called at the top level, the plain one inside a transformation.
 
     Only a top-level jit takes compiler options: run_chains inside the caller's jit, grad or
     vmap is compiled with the caller's program, by its options.
     """
-    from jax._src import core as _core  # no public API says whether a transformation is tracing us
-
-    top_level = getattr(_core, "trace_state_clean", lambda: False)()
-    return with_options if top_level and _loop_options_known() else plain
+    use = _jax_internals.at_top_level() and _jax_internals.loop_options_known()
+    return with_options if use else plain
 
 
 def _run_impl(kernel: Kernel, key: Array, x0: Array, args: tuple, n_steps: int, thin: int | None):
@@ -710,3 +707,13 @@ def _dual_averaging_impl(kernel: Kernel, key, x0, args: tuple, n_steps: int, del
 
 
 _dual_averaging, _dual_averaging_plain = _loop(_dual_averaging_impl, ("n_steps",))
+
+
+__getattr__ = _compat.moved(__name__, {
+    "effective_sample_size": "jsm.diagnostics.effective_sample_size",
+    "split_rhat": "jsm.diagnostics.split_rhat",
+    "reverse_sde": "jsm.diffusion.reverse_sde",
+    "probability_flow": "jsm.diffusion.probability_flow",
+    "encode": "jsm.diffusion.encode",
+    "guided": "jsm.diffusion.guided",
+})

@@ -189,7 +189,7 @@ class GaussianMixture(Target):
         loop (`samplers.run_chains`), sums over the few k and d entries of one example run faster
         than a batch of tiny (k, d) matmuls. (Under XLA:CPU's default options, which hand such sums
         to YNNPACK, they do not: run_chains compiles its loop without that, see
-        `samplers._LOOP_OPTIONS`.)
+        `jsm._jax_internals.CPU_LOOP_OPTIONS`.)
         """
         diff = self.means - x  # (k, d)
         log_w = jnp.log(self.weights) - jnp.log(jnp.sum(self.weights))

@@ -69,3 +69,17 @@ def grid_2d(lo, hi, n):
     xx, yy = np.meshgrid(*centres, indexing="ij")
     area = np.prod([(b - a) / n for a, b in zip(lo, hi)])
     return np.stack([xx.ravel(), yy.ravel()], axis=-1), area, edges
+
+
+@pytest.fixture
+def compilations():
+    """The XLA compilations made while the test runs, counted through jax.monitoring."""
+    events = []
+
+    def listen(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listen)

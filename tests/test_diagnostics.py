@@ -53,8 +53,16 @@ def test_rhat_by_hand_on_two_short_chains():
     np.testing.assert_allclose(np.asarray(D.split_rhat(trace)), want, rtol=1e-5)
 
 
-def test_samplers_re_exports_the_same_functions():
-    assert samplers.effective_sample_size is D.effective_sample_size and samplers.split_rhat is D.split_rhat
+def test_names_that_moved_out_of_samplers_still_work_and_warn():
+    from jsm import diffusion
+
+    for old, new in [("effective_sample_size", D.effective_sample_size), ("split_rhat", D.split_rhat),
+                     ("reverse_sde", diffusion.reverse_sde), ("probability_flow", diffusion.probability_flow),
+                     ("encode", diffusion.encode), ("guided", diffusion.guided)]:
+        with pytest.warns(DeprecationWarning, match=rf"jsm.samplers.{old} moved to jsm\.\w+\.{old}"):
+            assert getattr(samplers, old) is new
+    with pytest.raises(AttributeError, match="no_such_name"):
+        samplers.no_such_name  # noqa: B018
 
 
 @pytest.mark.parametrize(

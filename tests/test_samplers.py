@@ -239,20 +239,6 @@ def _shifted_score(x, sigma, m):
     return -(x - m) / (1.0 + sigma**2)
 
 
-@pytest.fixture
-def compilations():
-    """The XLA compilations made while the test runs, counted through jax.monitoring."""
-    events = []
-
-    def listen(event, duration_secs, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    yield events
-    jax.monitoring.unregister_event_duration_listener(listen)
-
-
 def test_new_step_sizes_args_and_rebuilt_kernels_compile_nothing(compilations):
     key, x0 = jax.random.key(0), jnp.zeros((4, 3))
     m1, m2 = jnp.zeros(3), jnp.array([1.0, -2.0, 0.5])
@@ -450,24 +436,6 @@ def test_mala_given_the_closed_form_pair_runs_the_chains_of_autodiff():
     for got, want in ((pair[0].log_prob, plain[0].log_prob), (pair[0].grad, plain[0].grad)):
         np.testing.assert_allclose(got, want, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
     assert 0.3 < float(plain[2].acceptance_rate.mean()) < 0.95 and not np.allclose(plain[1][-1], x0)
-
-
-def test_an_xla_without_the_loop_options_compiles_the_loops_as_usual(monkeypatch):
-    """The chain loops' XLA:CPU option is experimental: an XLA that rejects it gets the plain loop, same chains."""
-    kernel, key, x0 = S.mala(_shifted_log_prob, 0.2), jax.random.key(6), jnp.ones((4, 3))
-    assert S._loop_options_known()  # this jaxlib knows the option
-    with_options = S.run_chains(kernel, key, x0, 30, args=(jnp.zeros(3),))[0].position
-    monkeypatch.setattr(S, "_LOOP_OPTIONS", {"xla_cpu_experimental_no_such_option": "true"})
-    S._loop_options_known.cache_clear()
-    try:
-        assert not S._loop_options_known()
-        before = S._run_plain._cache_size()
-        plain = S.run_chains(kernel, key, x0, 30, args=(jnp.zeros(3),))[0].position
-        assert S._run_plain._cache_size() == before + 1
-    finally:
-        S._loop_options_known.cache_clear()
-    np.testing.assert_allclose(plain, with_options, rtol=tol(1e-5, 1e-12), atol=tol(1e-6, 1e-12))
-    assert not np.allclose(plain, x0)
 
 
 def _minus(x):

@@ -14,7 +14,7 @@ The peer (blackjax, optional: `pip install blackjax`) runs MALA on the same mixt
 the obvious way (broadcast differences and a logsumexp), vmapped over chains inside a jitted
 lax.scan, as its documentation does; then the same kernel run from an "unsafe_rbg" key; given
 the closed-form target `ring.log_prob` (blackjax takes a log-density only, and differentiates
-it); compiled with the XLA options of jsm's chain loop (`samplers._LOOP_OPTIONS`, which keep
+it); compiled with the XLA options of jsm's chain loop (`jsm._jax_internals.CPU_LOOP_OPTIONS`, which keep
 XLA:CPU's YNNPACK off the small reductions), to show what that option alone is worth; and
 the obvious-target kernel under `run_chains` through `samplers.from_blackjax`.
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.scipy.special import logsumexp
 
-from jsm import nets, samplers, targets
+from jsm import _jax_internals, nets, samplers, targets
 from timing import save, table, time_call
 
 STEP = 0.05
@@ -116,7 +116,7 @@ def main(argv=None) -> list[dict]:
                     row("blackjax mala (obvious target), unsafe_rbg key", peer, keys["unsafe_rbg"])
                     row("blackjax mala (closed-form target ring.log_prob)", blackjax_mala(ring.log_prob, args.steps))
                     row("blackjax mala (obvious target), jsm's XLA options",
-                        blackjax_mala(obvious, args.steps, samplers._LOOP_OPTIONS))
+                        blackjax_mala(obvious, args.steps, _jax_internals.CPU_LOOP_OPTIONS))
                     kernel = samplers.from_blackjax(blackjax.mala, obvious, step_size=STEP)
                     row("blackjax mala (obvious target) under jsm run_chains", run(kernel))
             print(f"{n_chains} chains, {problem}: done", flush=True)
