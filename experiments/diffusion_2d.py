@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 
 import jsm
-from jsm import diffusion, likelihood, nets, partition, plot, runs, sde as sde_lib
+from jsm import diffusion, likelihood, nets, objectives, partition, plot, runs, sde as sde_lib
 
 import common
 import ebm_mle
@@ -89,10 +89,10 @@ def shared_data(config: Config, target) -> tuple[jax.Array, jax.Array]:
 
 
 def exact_log_likelihood(apply, sde):
-    """jit(params, xs) -> log p_θ(x) (n,) by the probability-flow ODE with the exact divergence
-    (deterministic). Jitted over params: every evaluation of a run shares one compilation
-    (`likelihood.log_prob` alone compiles once per score-function object, i.e. per params value)."""
-    return jax.jit(lambda params, xs: likelihood.log_prob(lambda x, t: apply(params, x, t), sde, xs, trace="exact"))
+    """(params, xs) -> log p_θ(x) (n,) by the probability-flow ODE with the exact divergence
+    (deterministic). The parameters travel as `args`: every evaluation of a run shares one compilation."""
+    score_fn = lambda x, t, params: apply(params, x, t)  # one function object: one compilation
+    return lambda params, xs: likelihood.log_prob(score_fn, sde, xs, trace="exact", args=(params,))
 
 
 def train(config: Config, data, x_test, sde):
@@ -103,7 +103,7 @@ def train(config: Config, data, x_test, sde):
                                      activation=ACTIVATIONS[config.activation])
     apply, params = nets.pure(net)
     log_likelihood = exact_log_likelihood(apply, sde)
-    loss = lambda p, k, xs: diffusion.dsm_sde(lambda x, t: apply(p, x, t), sde, k, xs)
+    loss = lambda p, k, xs: objectives.dsm_sde(lambda x, t: apply(p, x, t), sde, k, xs)
     optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps, 0.05))
     evaluate = common.evaluations(
         "log_likelihood", config.steps, config.evaluations,

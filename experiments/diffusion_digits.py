@@ -52,7 +52,7 @@ import optax
 from flax import nnx
 
 import jsm
-from jsm import data, diffusion, likelihood, nets, plot, runs, sde as sde_lib, targets
+from jsm import data, diffusion, likelihood, nets, objectives, plot, runs, sde as sde_lib, targets
 
 import common
 import digits
@@ -139,7 +139,7 @@ def dequantised_dsm(apply, sde, params, key, zs, dz: float):
     (the bin width in z's units)."""
     k_deq, k_dsm = jax.random.split(key)
     zs = zs + dz * (jax.random.uniform(k_deq, zs.shape, zs.dtype) - 0.5)
-    return diffusion.dsm_sde(lambda z, t: apply(params, z, t), sde, k_dsm, zs)
+    return objectives.dsm_sde(lambda z, t: apply(params, z, t), sde, k_dsm, zs)
 
 
 def conditional_dsm(apply, sde, params, key, batch, dz: float, label_dropout: float):
@@ -150,20 +150,25 @@ def conditional_dsm(apply, sde, params, key, batch, dz: float, label_dropout: fl
     zs, ys = batch[:, :D], batch[:, D].astype(jnp.int32)
     zs = zs + dz * (jax.random.uniform(k_deq, zs.shape, zs.dtype) - 0.5)
     ys = jnp.where(jax.random.uniform(k_drop, ys.shape) < label_dropout, diffusion.NULL_LABEL, ys)
-    t, w = diffusion.training_times(sde, k_t, zs.shape[0])  # as in dsm_sde: one t and one z per example
+    t, w = objectives.training_times(sde, k_t, zs.shape[0])  # as in dsm_sde: one t and one z per example
     noise = jax.random.normal(k_z, zs.shape, zs.dtype)
-    term = lambda z, y, ti, e, wi: diffusion.dsm_sde_per_example(lambda x, s: apply(params, x, s, y), sde, z, ti, e, wi)
+    term = lambda z, y, ti, e, wi: objectives.dsm_sde_per_example(lambda x, s: apply(params, x, s, y), sde, z, ti, e, wi)
     return jnp.mean(jax.vmap(term)(zs, ys, t.astype(zs.dtype), noise, w.astype(zs.dtype)))
 
 
 def log_prob_fn(apply, sde, trace: str):
-    """jit(params, zs, key) -> log p_z(zs) (n,) by the ODE; one compilation for every params value.
+    """(params, zs, key) -> log p_z(zs) (n,) by the ODE; one compilation for every params value (they
+    travel as `args`), shared by the evaluations during training and the timed runs."""
+    score_fn = lambda z, t, params: apply(params, z, t)  # one function object: one compilation
+    return lambda p, zs, key: likelihood.log_prob(score_fn, sde, zs, trace=trace,
+                                                  key=None if trace == "exact" else key, args=(p,))
 
-    (jsm.likelihood.log_prob compiles once per score-function object; jitting over params makes
-    the evaluations during training and the timed runs share a compilation.)
-    """
-    return jax.jit(lambda p, zs, key: likelihood.log_prob(
-        lambda z, t: apply(p, z, t), sde, zs, trace=trace, key=None if trace == "exact" else key))
+
+def timed(fn, *args):
+    """(fn(*args), seconds), waiting for the result."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t0
 
 
 def bits_per_dim(log_p_z, std: Standardised):
@@ -225,25 +230,20 @@ def main(config: Config) -> dict:
     ema = result.ema_params
     score = lambda z, t: apply(ema, z, t)
 
-    # bits/dim: exact (the last evaluation in the run) and its timing; Hutchinson over keys
-    t0 = time.perf_counter()
-    exact_compiled = exact.lower(ema, z_test, k_hutch).compile()  # timed apart: a resumed run may not have compiled it
-    exact_compile = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lp_exact = jax.block_until_ready(exact_compiled(ema, z_test, k_hutch))
-    exact_s = time.perf_counter() - t0
+    # bits/dim: exact (the last evaluation in the run) and its timing; Hutchinson over keys. The first
+    # call of each compiles, unless the run's evaluations already did (a resumed run may not have).
+    (lp_exact, exact_first), (_, exact_s) = timed(exact, ema, z_test, k_hutch), timed(exact, ema, z_test, k_hutch)
     bpd_exact = bits_per_dim(lp_exact, std)
     # the same number with the bin width in z's units and no log-det: the two accountings agree
     bpd_z_units = likelihood.bits_per_dim(lp_exact, D, bin_width=dz)
     np.testing.assert_allclose(np.asarray(bpd_exact), np.asarray(bpd_z_units), atol=1e-3)
-    t0 = time.perf_counter()
-    compiled = log_prob_fn(apply, sde, "hutchinson").lower(ema, z_test, k_hutch).compile()
-    hutch_compile = time.perf_counter() - t0
+    hutchinson = log_prob_fn(apply, sde, "hutchinson")
+    hutch_first = timed(hutchinson, ema, z_test, k_hutch)[1]
     hutch_runs, hutch_s = [], []
     for i in range(config.hutchinson_keys):
-        t0 = time.perf_counter()
-        hutch_runs.append(bits_per_dim(jax.block_until_ready(compiled(ema, z_test, jax.random.fold_in(k_hutch, i))), std))
-        hutch_s.append(time.perf_counter() - t0)
+        lp, seconds = timed(hutchinson, ema, z_test, jax.random.fold_in(k_hutch, i))
+        hutch_runs.append(bits_per_dim(lp, std))
+        hutch_s.append(seconds)
     hutch_runs = jnp.stack(hutch_runs)  # (keys, n)
     bpd_gauss = gaussian_baseline_bpd(split.x_train, x_test_deq)
     means = np.asarray(hutch_runs.mean(1))
@@ -258,7 +258,7 @@ def main(config: Config) -> dict:
         },
         "bits_per_dim_standard_error_over_test_digits": float(jnp.std(bpd_exact) / math.sqrt(n_test)),
         "seconds_per_example": {"exact": exact_s / n_test, "hutchinson": float(np.median(hutch_s)) / n_test,
-                                "exact_compile_s": exact_compile, "hutchinson_compile_s": hutch_compile},
+                                "exact_first_call_s": exact_first, "hutchinson_first_call_s": hutch_first},
         "n_test": n_test,
         "bits_per_dim_over_training": result.callbacks["bits_per_dim"],
         "standardisation_scale": std.scale,
@@ -291,15 +291,15 @@ def main(config: Config) -> dict:
     labelled = jnp.concatenate([z_train, jnp.asarray(split.y_train, z_train.dtype)[:, None]], axis=1)
     c_loss = lambda p, k, batch: conditional_dsm(c_apply, sde, p, k, batch, dz, config.label_dropout)
     c_result = train(config, "conditional", labelled, c_loss, c_apply, c_params)
-    c_ema = c_result.ema_params
-    c_score = lambda z, t, y: c_apply(c_ema, z, t, y)
+    c_score = lambda z, t, y, params: c_apply(params, z, t, y)
     y_req = jnp.repeat(jnp.arange(N_CLASSES), config.n_per_class)
     k_prior, k_pc = jax.random.split(k_guided)
     z_T = sde.prior_sample(k_prior, (y_req.shape[0], D))
     guided_sets, out["guidance_accuracy"], out["guidance"] = {}, {}, {}
     for w in config.guidance_weights:
-        xs = to_pixels(diffusion.reverse_sde(diffusion.guided(c_score, w), sde, k_pc, z_T, config.pc_steps,
-                                             corrector_steps=config.corrector_steps, snr=config.snr, y=y_req))
+        xs = to_pixels(diffusion.reverse_sde(c_score, sde, k_pc, z_T, config.pc_steps, guidance=w, y=y_req,
+                                             corrector_steps=config.corrector_steps, snr=config.snr,
+                                             args=(c_result.ema_params,)))
         guided_sets[w] = xs
         probs = classifier.predict_proba(np.asarray(xs, np.float64))
         acc = float(np.mean(probs.argmax(1) == np.asarray(y_req)))

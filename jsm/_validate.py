@@ -143,6 +143,15 @@ def example(name: str, x) -> None:
                          f"(for d = 1, shape (1,)), got a scalar; batch with jax.vmap")
 
 
+def example_shape(name: str, xs) -> tuple[int, ...]:
+    """The shape of one example of a batch xs (n, *shape) of rank >= 2; a rank check only, so it
+    runs on tracers too (inside jit, vmap, grad)."""
+    if jnp.ndim(xs) < 2:
+        raise ValueError(f"{name} must be a batch of shape (n, *shape), (n, d) or (n, h, w, c) say, got shape "
+                         f"{tuple(jnp.shape(xs))}")
+    return tuple(jnp.shape(xs)[1:])
+
+
 def _output_shape(name: str, out, x) -> tuple:
     if isinstance(out, (tuple, list, dict)):
         raise ValueError(f"{name} must return one array for one example of shape {tuple(jnp.shape(x))}, "

@@ -10,6 +10,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+__all__ = [
+    "Split", "digits",
+]
+
 
 class Split(NamedTuple):
     x_train: np.ndarray  # (n_train, 64) in [0, 1]

@@ -19,6 +19,10 @@ import jax.numpy as jnp
 
 from jsm import _validate
 
+__all__ = [
+    "effective_sample_size", "split_rhat",
+]
+
 Array = jax.Array
 
 

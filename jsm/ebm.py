@@ -21,6 +21,10 @@ import jax.numpy as jnp
 from jsm import _validate, samplers
 from jsm.scores import score_of
 
+__all__ = [
+    "contrastive_divergence", "ebm_surrogate", "init_replay_buffer", "langevin_samples", "persistent_cd",
+]
+
 Array = jax.Array
 EnergyFn = Callable[[Array], Array]
 

@@ -68,6 +68,11 @@ from jax.extend import core as jcore
 
 from jsm import _jax_internals, _validate
 
+__all__ = [
+    "Jet", "RANK_TOLERANCE", "divergence_batch", "flattened", "folded", "forward_jet", "forward_jet_batch",
+    "laplacian_batch",
+]
+
 Array = jax.Array
 
 
@@ -158,7 +163,7 @@ def forward_jet_batch(
         def block(out: Jet, rows: Array):
             return out.value, out.laplacian, out.jacobian
 
-        shape = _example_shape(xs)
+        shape = _validate.example_shape("xs", xs)
         value, laplacian, jacobian = _by_blocks(flattened(fn, shape), _rows(xs), second_order, chunk_size, block)
         return Jet(value, jacobian.reshape(xs.shape + jacobian.shape[2:]) if len(shape) != 1 else jacobian, laplacian)
 
@@ -181,7 +186,7 @@ def laplacian_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = No
     _chunk_size(chunk_size)
 
     def lap(xs: Array) -> Array:
-        flat = flattened(fn, _example_shape(xs))
+        flat = flattened(fn, _validate.example_shape("xs", xs))
         return _by_blocks(flat, _rows(xs), True, chunk_size, lambda out, rows: (out.value, out.laplacian, None),
                           reduce=_reduce)[1]
 
@@ -201,7 +206,7 @@ def divergence_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = N
         def block(out: Jet, rows: Array):
             return out.value, jnp.einsum("ncd,cd->n", out.jacobian, rows), None
 
-        flat = flattened(fn, _example_shape(xs), vector="fn")
+        flat = flattened(fn, _validate.example_shape("xs", xs), vector="fn")
         value, div, _ = _by_blocks(flat, _rows(xs), False, chunk_size, block)
         return value.reshape(xs.shape), div
 
@@ -233,14 +238,6 @@ def flattened(fn: Callable[[Array], Array], shape: tuple[int, ...], *, vector: s
         return out.reshape(-1) if vector is not None else out
 
     return on_vector
-
-
-def _example_shape(xs) -> tuple[int, ...]:
-    """The shape of one example of a batch xs (n, *shape), checked."""
-    if jnp.ndim(xs) < 2:
-        raise ValueError(f"xs must be a batch of shape (n, *shape), (n, d) or (n, h, w, c) say, got shape "
-                         f"{tuple(jnp.shape(xs))}")
-    return tuple(xs.shape[1:])
 
 
 def _rows(xs: Array) -> Array:

@@ -28,6 +28,10 @@ from flax import nnx
 from jsm import _validate
 from jsm.nets import MLP
 
+__all__ = [
+    "Discriminator", "Generator", "gan_loss", "push_forward",
+]
+
 Array = jax.Array
 
 

@@ -27,9 +27,12 @@ import jax
 import jax.numpy as jnp
 
 from jsm import _validate
-from jsm.diffusion import _batch, _check_sde, _labels, _t_min, _with_label, check_solved, ode_drift, solve_ode
-from jsm.forward import divergence_batch, flattened
+from jsm.diffusion import _each, _ode_options, _prepare, _score, check_solved, ode_drift, solve_ode
+from jsm.forward import divergence_batch
+from jsm.scores import value_and_hutchinson
 from jsm.sde import SDE
+
+__all__ = ["LIKELIHOOD_T_MIN", "TRACES", "bits_per_dim", "divergence_fn", "flow_to_prior", "log_prob"]
 
 Array = jax.Array
 TRACES = ("exact", "hutchinson")
@@ -41,7 +44,7 @@ def divergence_fn(vector_fn, trace: str = "exact", probes: Array | None = None):
 
     "exact": tr(∂v/∂x) from one first-order forward jet of v (value and Jacobian together,
     `jsm.forward.divergence_batch`, which flattens x). "hutchinson": mean_j u_j^T (∂v/∂x) u_j
-    over the rows of `probes` (m, d), one JVP each of v on the flattened x.
+    over the rows of `probes` (m, d), one JVP each (`jsm.scores.value_and_hutchinson`).
     """
     _validate.choice("trace", trace, TRACES)
     vector_fn = _validate.same_shape("vector_fn", vector_fn)
@@ -50,50 +53,39 @@ def divergence_fn(vector_fn, trace: str = "exact", probes: Array | None = None):
         if trace == "exact":
             v, div = divergence_batch(vector_fn)(x[None])
             return v[0], div[0]
-        flat = flattened(vector_fn, x.shape, vector="vector_fn")
-        v, jvp = jax.linearize(flat, x.reshape(-1))
-        div = jnp.mean(jnp.sum(probes * jax.vmap(jvp)(probes), axis=-1))
-        return v.reshape(x.shape), div
+        return value_and_hutchinson(vector_fn, x, probes.reshape(-1, *x.shape))
 
     return both
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "trace", "max_steps"))
-def _flow_with_divergence(score_fn, sde, xs, y, probes, t_min, rtol, atol, trace, max_steps):
+def _flow_with_divergence(score_fn, sde, xs, y, w, args, probes, t_min, rtol, atol, trace, max_steps):
     def one(x, label, u):
-        s_fn = _with_label(score_fn, label)
+        s = _score(score_fn, label, w, args)
+        field = lambda t, state: divergence_fn(lambda z: ode_drift(s, sde, z, t), trace, u)(state[0])
+        (x_T, integral), info = solve_ode(field, (x, jnp.zeros((), x.dtype)), t_min, sde.T,
+                                          rtol=rtol, atol=atol, max_steps=max_steps)
+        return x_T, integral, info
 
-        def field(t, state):
-            v, div = divergence_fn(lambda z: ode_drift(s_fn, sde, z, t), trace, u)(state[0])
-            return v, div
-
-        (x_T, integral), ok, _ = solve_ode(field, (x, jnp.zeros((), x.dtype)), t_min, sde.T,
-                                           rtol=rtol, atol=atol, max_steps=max_steps)
-        return x_T, integral, ok
-
-    return jax.vmap(one)(xs, y, probes)
+    return _each(one, xs, y, probes)
 
 
 def flow_to_prior(
     score_fn, sde: SDE, xs: Array, *, trace: str = "exact", key: Array | None = None, n_probes: int = 1,
     t_min: float = LIKELIHOOD_T_MIN, rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096, y=None,
-) -> tuple[Array, Array]:
+    guidance=None, args: tuple = (), info: bool = False,
+):
     """(x_T, ∫_{t_min}^T div v(x_t, t) dt) for each example: the two terms of `log_prob`.
 
     log p_{t_min}(x) = log π(x_T) + the integral, for any density π standing in for p_T.
-    Arguments as in `log_prob`.
+    Arguments as in `log_prob`; a failed solve gives NaN for both terms of its example.
 
     Returns:
-      x_T (n, *shape) and the integrated divergence (n,).
+      x_T (n, *shape) and the integrated divergence (n,); with `info`, also the `SolveInfo`.
     """
-    _check_sde(sde)
-    xs = _batch("xs", xs)
+    xs, y, w, args = _prepare(score_fn, sde, "xs", xs, y, guidance, args)
     _validate.choice("trace", trace, TRACES)
-    _t_min("t_min", t_min, sde.T)
-    _validate.positive("rtol", rtol)
-    _validate.positive("atol", atol)
-    max_steps = _validate.positive_int("max_steps", max_steps)
-    y = _labels(y, xs.shape[0])
+    max_steps = _ode_options(sde, t_min, rtol, atol, max_steps)
     probes = None
     if trace == "hutchinson":
         if key is None:
@@ -104,18 +96,20 @@ def flow_to_prior(
         d = math.prod(xs.shape[1:])
         probes = jax.random.rademacher(key, (xs.shape[0], n_probes, d), xs.dtype)
     dt = xs.dtype
-    x_T, integral, ok = _flow_with_divergence(
-        score_fn, sde, xs, y, probes, jnp.asarray(t_min, dt), jnp.asarray(rtol, dt), jnp.asarray(atol, dt),
-        trace, max_steps)
-    check_solved("log_prob", ok, max_steps, rtol, atol)
+    x_T, integral, stats = _flow_with_divergence(
+        score_fn, sde, xs, y, w, args, probes, jnp.asarray(t_min, dt), jnp.asarray(rtol, dt),
+        jnp.asarray(atol, dt), trace, max_steps)
+    if info:
+        return x_T, integral, stats
+    check_solved("log_prob", stats, max_steps, rtol, atol)
     return x_T, integral
 
 
 def log_prob(
     score_fn, sde: SDE, xs: Array, *, trace: str = "exact", key: Array | None = None, n_probes: int = 1,
     t_min: float = LIKELIHOOD_T_MIN, rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
-    prior_log_prob=None, y=None,
-) -> Array:
+    prior_log_prob=None, y=None, guidance=None, args: tuple = (), info: bool = False,
+):
     """log p_{t_min}(x) of the model whose score is s, by the probability-flow ODE, for each x in xs.
 
         log p_{t_min}(x) = log π(x_T) + ∫_{t_min}^{T} div v(x_t, t) dt,   v = f - g² s / 2.
@@ -125,8 +119,14 @@ def log_prob(
     log π(x_T) - log p_T(x_T), plus the solver's error (of the order of rtol · |log p| + atol
     per unit time; ~1e-4 at the defaults in float32).
 
+    Parameters are data: `log_prob(score_fn, sde, xs, args=(params,))` with
+    score_fn(x, t, params) compiles once, and every later call with new parameters of the
+    same shapes (an evaluation every N training steps) reuses it; a closure over params
+    (`lambda x, t: net(params, x, t)`) is a new function at each call and compiles the whole
+    solve again (see `jsm.diffusion`).
+
     Args:
-      score_fn: s(x, t) (or s(x, t, y) with `y`), one example of any shape.
+      score_fn: s(x, t, *args) (or s(x, t, y, *args) with `y`), one example of any shape.
       sde: the forward SDE.
       xs: (n, *shape) points, finite.
       trace: "exact" (the forward jet; deterministic; `key` is ignored) or "hutchinson"
@@ -135,17 +135,23 @@ def log_prob(
       n_probes: Hutchinson probes per example, >= 1.
       t_min: where the ODE starts, in (0, 1); 1e-5 as in Song et al.
       rtol, atol: the solver's tolerances.
-      max_steps: the most solver steps per example; running out raises a RuntimeError.
+      max_steps: the most solver steps per example. An example whose solve fails (steps ran
+        out, or its state became non-finite) gets NaN, inside `jit` too; called outside
+        `jit` without `info`, the call raises a RuntimeError with the remedy.
       prior_log_prob: log π for one example (default `sde.prior_log_prob`).
-      y: (n,) integer class labels for a conditional s(x, t, y): then log p(x | y).
+      y: (n,) integer class labels for a conditional s(x, t, y, *args): then log p(x | y).
+      guidance: w, classifier-free guidance of the conditional score (data; needs `y`).
+      args: passed on to score_fn (network parameters): data, never recompiled.
+      info: also return the solver's `jsm.diffusion.SolveInfo` per example (and do not raise).
 
     Returns:
-      (n,) log-densities, in nats.
+      (n,) log-densities, in nats; with `info`, (log-densities, SolveInfo).
     """
-    x_T, integral = flow_to_prior(score_fn, sde, xs, trace=trace, key=key, n_probes=n_probes, t_min=t_min,
-                                  rtol=rtol, atol=atol, max_steps=max_steps, y=y)
+    out = flow_to_prior(score_fn, sde, xs, trace=trace, key=key, n_probes=n_probes, t_min=t_min, rtol=rtol,
+                        atol=atol, max_steps=max_steps, y=y, guidance=guidance, args=args, info=info)
     prior = sde.prior_log_prob if prior_log_prob is None else prior_log_prob
-    return jax.vmap(prior)(x_T) + integral
+    log_p = jax.vmap(prior)(out[0]) + out[1]
+    return (log_p, out[2]) if info else log_p
 
 
 def bits_per_dim(log_p, d: int, *, bin_width: float | None = None) -> Array:

@@ -30,6 +30,10 @@ from jax.scipy.special import logsumexp
 from jsm import _validate
 from jsm.quadrature import grid
 
+__all__ = [
+    "js_grid", "kl_grid", "kl_knn", "mmd", "sliced_wasserstein", "wasserstein", "wasserstein_1d",
+]
+
 Array = jax.Array
 LogDensity = Callable[[Array], Array]
 

@@ -20,6 +20,12 @@ import numpy as np
 from flax import nnx
 
 from jsm import _validate
+from jsm.diffusion import NULL_LABEL  # the "no label" class of s(x, σ, y), for classifier-free guidance
+
+__all__ = [
+    "MLP", "MLPEnergy", "MLPScore", "NOISE_INPUTS", "NoiseConditionalScore", "UNet",
+    "fourier_features", "preconditioned_score", "pure", "total_variance",
+]
 
 Array = jax.Array
 
@@ -68,7 +74,6 @@ class MLPScore(nnx.Module):
         return self.mlp(x)
 
 
-NULL_LABEL = -1  # the "no label" class of s(x, σ, y) (classifier-free guidance); = jsm.diffusion.NULL_LABEL
 NOISE_INPUTS = ("sigma", "t")
 
 

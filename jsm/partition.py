@@ -20,6 +20,10 @@ from jax.scipy.special import logsumexp
 from jsm import _validate, samplers
 from jsm.quadrature import grid
 
+__all__ = [
+    "log_likelihood_grid", "log_z_ais", "log_z_grid",
+]
+
 Array = jax.Array
 EnergyFn = Callable[[Array], Array]
 

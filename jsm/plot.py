@@ -19,6 +19,11 @@ if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.b
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+__all__ = [
+    "contours", "density", "energy", "figure", "grid", "loss_curve", "samples", "save", "scalar_field",
+    "score_field",
+]
+
 Array = jax.Array
 
 

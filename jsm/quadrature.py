@@ -7,6 +7,10 @@ import jax.numpy as jnp
 
 from jsm import _validate
 
+__all__ = [
+    "grid",
+]
+
 Array = jax.Array
 
 

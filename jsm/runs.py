@@ -18,6 +18,10 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+__all__ = [
+    "FIT_FIELDS", "RESUMABLE", "STACK", "fit_options", "parse_config", "prepare_workdir", "save_json", "versions",
+]
+
 C = TypeVar("C")
 RESUMABLE = ("steps", "progress")  # may change between a run and its resumption
 STACK = ("jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint")

@@ -49,7 +49,7 @@ from jsm import _compat, _jax_internals, _validate
 __all__ = [
     "CHAINS", "AnnealedState", "Info", "Kernel", "LangevinState", "MALAState", "annealed_langevin",
     "from_blackjax", "langevin_move", "mala", "run_chains", "shard_chains", "snr_langevin_move", "tune_step_size",
-    "ula",
+    "ula", "ChainInfo",
 ]
 
 Array = jax.Array

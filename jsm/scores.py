@@ -47,6 +47,11 @@ import jax.numpy as jnp
 from jsm import _validate
 from jsm.forward import divergence_batch, flattened, folded, forward_jet_batch, laplacian_batch
 
+__all__ = [
+    "EXACT_METHODS", "METHODS", "PROBES", "batch_score_and_divergence_of_energy", "batch_value_and_divergence",
+    "divergence", "hutchinson_divergence", "laplacian", "resolve_method", "score_of", "value_and_hutchinson",
+]
+
 Array = jax.Array
 EnergyFn = Callable[[Array], Array]
 VectorFn = Callable[[Array], Array]
@@ -78,12 +83,6 @@ def resolve_method(method: str) -> str:
     return "forward" if method == "auto" else method
 
 
-def _batch(xs: Array) -> None:
-    if jnp.ndim(xs) < 2:
-        raise ValueError(f"xs must be a batch of shape (n, *shape), (n, d) or (n, h, w, c) say, got shape "
-                         f"{tuple(jnp.shape(xs))}")
-
-
 def _chunk_for(method: str, chunk_size: int | None) -> None:
     if chunk_size is not None and method != "forward":
         raise ValueError(f'chunk_size applies to method="forward" (or "auto") only, got method={method!r}')
@@ -106,7 +105,7 @@ def batch_value_and_divergence(
     forward = divergence_batch(vector_fn, chunk_size=chunk_size) if exact == "forward" else None
 
     def both(xs: Array) -> tuple[Array, Array]:
-        _batch(xs)
+        _validate.example_shape("xs", xs)
         if forward is not None:
             return forward(xs)
         return jax.vmap(vector_fn)(xs), jax.vmap(_jacobian_trace(vector_fn, exact))(xs)
@@ -132,7 +131,7 @@ def batch_score_and_divergence_of_energy(
     lap = None if exact == "forward" else laplacian(energy_fn, exact)
 
     def both(xs: Array) -> tuple[Array, Array]:
-        _batch(xs)
+        _validate.example_shape("xs", xs)
         if exact == "forward":
             jet = forward_jet_batch(energy_fn, chunk_size=chunk_size)(xs)
             return -jet.jacobian, -jet.laplacian
@@ -238,7 +237,16 @@ def hutchinson_divergence(
             u = jax.random.rademacher(key, shape, x.dtype)
         else:
             u = jax.random.normal(key, shape, x.dtype)
-        jvp = lambda ui: jax.jvp(field, (x,), (ui,))[1]
-        return jnp.mean(jnp.sum(u * jax.vmap(jvp)(u), axis=tuple(range(1, u.ndim))))
+        return value_and_hutchinson(field, x, u)[1]
 
     return estimate
+
+
+def value_and_hutchinson(vector_fn: VectorFn, x: Array, probes: Array) -> tuple[Array, Array]:
+    """(v(x), mean_j u_j^T (∂v/∂x) u_j) for ONE example x and given probes u (m, *x.shape).
+
+    One linearisation of v at x, then one JVP per probe: the estimator of `hutchinson_divergence`
+    with the probes chosen by the caller (`jsm.likelihood` fixes them along an ODE path).
+    """
+    v, jvp = jax.linearize(vector_fn, x)
+    return v, jnp.mean(jnp.sum(probes * jax.vmap(jvp)(probes), axis=tuple(range(1, probes.ndim))))

@@ -31,7 +31,6 @@ array of times (elementwise).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import jax
@@ -40,8 +39,9 @@ import numpy as np
 
 from jsm import _validate, targets
 
+__all__ = ["SDE", "SDES", "SubVPSDE", "VESDE", "VPSDE", "check_sde", "check_t_min", "check_time"]
+
 Array = jax.Array
-LOG_2PI = math.log(2 * math.pi)
 
 
 def _pytree(cls):
@@ -71,6 +71,18 @@ def check_time(t, name: str = "t", T: float = 1.0) -> Array:
             got = f"{host.item()!r}" if host.size == 1 else f"values in [{host.min()!r}, {host.max()!r}]"
             raise ValueError(f"{name} must be in [0, {T}], got {got}")
     return jnp.asarray(t, dtype=jnp.result_type(t, float))
+
+
+def check_sde(sde, name: str = "sde") -> None:
+    """A TypeError naming `name` unless sde is one of this module's SDEs."""
+    if not isinstance(sde, SDE):
+        raise TypeError(f"{name} must be a jsm.sde SDE (VESDE, VPSDE, SubVPSDE), got {type(sde).__name__}")
+
+
+def check_t_min(t_min, T: float = 1.0, name: str = "t_min") -> None:
+    """A ValueError naming `name` unless t_min (where concrete) is in (0, T): where a solve or a loss stops."""
+    if _validate.is_concrete(t_min) and not 0.0 < float(t_min) < T:
+        raise ValueError(f"{name} must be in (0, {T}), got {t_min!r}")
 
 
 class SDE:
@@ -109,7 +121,7 @@ class SDE:
     def prior_log_prob(self, x: Array) -> Array:
         """log π(x) for ONE example of any shape, summed over all its entries: ()."""
         s = self.prior_std()
-        return -0.5 * jnp.sum((x / s) ** 2) - x.size * (jnp.log(s) + 0.5 * LOG_2PI)
+        return -0.5 * jnp.sum((x / s) ** 2) - x.size * (jnp.log(s) + 0.5 * targets.LOG_2PI)
 
     def noised(self, target, t) -> targets.Target:
         """p_t, the law of x_t = α_t x_0 + σ_t z for x_0 ~ `target`, in closed form.

@@ -34,6 +34,10 @@ from jax.scipy.special import logsumexp
 
 from jsm import _validate
 
+__all__ = [
+    "Banana", "Funnel", "Gaussian", "GaussianMixture", "LOG_2PI", "Ring", "Target",
+]
+
 Array = jax.Array
 LOG_2PI = math.log(2 * math.pi)
 

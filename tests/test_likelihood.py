@@ -157,7 +157,7 @@ def test_bad_input_is_rejected_before_compiling(cases, key):
         (lambda: L.log_prob(score, sde, xs, t_min=0.0), ValueError, r"t_min must be in \(0, 1.0\)"),
         (lambda: L.log_prob(score, sde, xs, t_min=-1e-5), ValueError, "t_min must be in"),
         (lambda: L.log_prob(score, sde, xs.at[1, 1].set(jnp.inf)), ValueError, "xs must be finite"),
-        (lambda: L.log_prob(score, sde, jnp.zeros(2)), ValueError, r"xs must be a batch of shape \(n, \*shape\)"),
+        (lambda: L.log_prob(score, sde, jnp.zeros(2)), ValueError, r"xs must be a batch of shape \(n, \*example_shape\)"),
         (lambda: L.log_prob(score, sde, xs, trace="jacfwd"), ValueError, "trace must be one of"),
         (lambda: L.log_prob(score, sde, xs, trace="hutchinson"), ValueError, "needs a PRNG key"),
         (lambda: L.log_prob(score, sde, xs, trace="hutchinson", key=key, n_probes=0), ValueError, "n_probes"),
