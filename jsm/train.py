@@ -17,12 +17,13 @@ Inside, every objective has ONE signature,
 `loss(params, key, batch)` enters through `stateless(loss, has_aux=...)`.
 
 `fit` drives the step: jitted chunks of `log_every` steps (one host sync a chunk),
-batches drawn as a function of (key, step) alone, orbax checkpoints of the whole
-state (atomic, the last `keep` kept, automatic resume, damaged ones skipped), metrics
-as JSON lines, callbacks every k steps whose results are saved and reused after a
-restart, rollback on a non-finite step, a moving average (EMA) of the parameters,
-and a progress bar. A run killed at any moment and started again with the same call
-ends with exactly the parameters, metrics and callback results of an uninterrupted run.
+batches drawn as a function of (key, step) alone, checkpoints of the whole state
+(`jsm.checkpoint`: atomic, the last `keep` kept, automatic resume, damaged ones set
+aside), metrics as JSON lines, callbacks every k steps whose results are saved and
+reused after a restart, rollback on a non-finite step, a moving average (EMA) of the
+parameters, and a progress bar. A run killed at any moment and started again with the
+same call ends with exactly the parameters, metrics and callback results of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import shutil
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -43,24 +41,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.extend import core as jcore
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
-from jsm import _validate
+from jsm import _compat, _validate
 from jsm.runs import save_json
+
+__all__ = ["LOOPS", "Callback", "FitResult", "NonFiniteError", "TrainState", "ema_warmup", "fit", "init_state",
+           "make_step", "stateless"]
 
 Array = jax.Array
 PyTree = Any
 LossFn = Callable[[PyTree, Array, Array, PyTree], tuple[Array, dict, PyTree]]
 PlainLossFn = Callable[[PyTree, Array, Array], Any]
-
-# Test hook: `JSM_TEST_KILL_AT=<step>[:<moment>]` makes `fit` kill its own process with SIGKILL
-# when the run reaches <step>, at one of these moments (default "before_save"). Kill tests use it
-# to stop a run at chosen steps instead of wall-clock moments.
-KILL_MOMENTS = ("before_save", "during_save", "after_save")
-
 
 class TrainState(NamedTuple):
     step: Array  # () int32: the number of updates applied
@@ -211,63 +204,78 @@ def _batch_at(data: Array, data_key: Array, step: Array, batch_size: int) -> Arr
 LOOPS = ("auto", "scan", "python")
 
 
-@functools.lru_cache(maxsize=16)
-def _make_chunk(loss_fn, optimizer: optax.GradientTransformation, batch_size: int, length: int, stateful: bool,
-                has_aux: bool = False, ema_decay: float | None = None, batch_sharding: NamedSharding | None = None,
-                loop: str = "scan"):
-    """A function running up to `length` steps, stopping at `end` or at a non-finite step.
+class _Chunk(NamedTuple):
+    """What a compiled chunk of steps is specialised on: a static argument of its `jax.jit`.
 
-    loop="scan": ONE jitted `lax.scan` over the chunk (one dispatch per chunk). loop="python": the
-    same step body jitted alone and called from Python once per step, the halting flag carried on
-    the device (no host sync inside the chunk). With `batch_sharding`, every batch is split along
-    its first axis across the mesh's "data" devices; the compiler then runs each device's share of
-    the per-example work there and all-reduces the mean loss and its gradient. Cached on its
-    arguments, so that calling `fit` again with the same loss and optimizer objects (resuming in
-    the same process) compiles nothing new.
+    jit's own cache is keyed on it, so calling `fit` again with the same loss and optimizer
+    objects (resuming in the same process) compiles nothing new, and new objects compile anew.
+    With `batch_sharding`, every batch is split along its first axis across the mesh's "data"
+    devices; the compiler then runs each device's share of the per-example work there and
+    all-reduces the mean loss and its gradient.
     """
-    step = _training_step(loss_fn, optimizer, stateful, has_aux, ema_decay)
 
-    def body(carry, data: Array, data_key: Array, end: Array):
-        state, halted = carry
-        active = (state.step < end) & ~halted
-        batch = _batch_at(data, data_key, state.step, batch_size)
-        if batch_sharding is not None:
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-        new, metrics = step(state, batch)
-        state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
-        taken = active & metrics.pop("finite")
-        return (state, halted | (active & ~taken)), (metrics, taken)
-
-    data_key_of = lambda state: jax.random.split(state.key)[0]
-
-    if loop == "scan":
-        @jax.jit
-        def run_chunk(state: TrainState, data: Array, end: Array):
-            data_key = data_key_of(state)
-            (state, halted), (metrics, taken) = jax.lax.scan(
-                lambda carry, _: body(carry, data, data_key, end), (state, jnp.bool_(False)), None, length=length)
-            return state, halted, metrics, taken
-
-        return run_chunk
-
-    one_step = jax.jit(body)
-    first = jax.jit(lambda state: ((state, jnp.bool_(False)), data_key_of(state)))
-
-    def run_python_chunk(state: TrainState, data: Array, end: Array):
-        carry, data_key = first(state)
-        outputs = []
-        for _ in range(min(length, int(end) - int(state.step))):
-            carry, out = one_step(carry, data, data_key, end)
-            outputs.append(out)
-        metrics, taken = jax.tree.map(lambda *xs: np.stack(xs), *outputs)
-        return (*carry, metrics, taken)
-
-    return run_python_chunk
+    loss_fn: Callable
+    optimizer: optax.GradientTransformation
+    batch_size: int
+    length: int  # the most steps a chunk runs
+    stateful: bool  # loss_fn has the one signature (with objective state), else a plain loss
+    has_aux: bool = False
+    ema_decay: float | None = None
+    batch_sharding: NamedSharding | None = None
 
 
-def _training_step(loss_fn, optimizer, stateful: bool, has_aux: bool, ema_decay):
+def _training_step(spec: _Chunk):
     """`make_step` of fit's loss, through `stateless` when it carries no objective state."""
-    return make_step(loss_fn if stateful else stateless(loss_fn, has_aux=has_aux), optimizer, ema_decay=ema_decay)
+    loss_fn = spec.loss_fn if spec.stateful else stateless(spec.loss_fn, has_aux=spec.has_aux)
+    return make_step(loss_fn, spec.optimizer, ema_decay=spec.ema_decay)
+
+
+def _data_key(state: TrainState) -> Array:
+    return jax.random.split(state.key)[0]
+
+
+def _body(spec: _Chunk, carry, data: Array, data_key: Array, end: Array):
+    """One step of a chunk, skipped once `end` is reached or a step was not finite."""
+    state, halted = carry
+    active = (state.step < end) & ~halted
+    batch = _batch_at(data, data_key, state.step, spec.batch_size)
+    if spec.batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, spec.batch_sharding)
+    new, metrics = _training_step(spec)(state, batch)
+    state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
+    taken = active & metrics.pop("finite")
+    return (state, halted | (active & ~taken)), (metrics, taken)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _scan_chunk(state: TrainState, data: Array, end: Array, spec: _Chunk):
+    """ONE compiled `lax.scan` over the chunk: one dispatch per chunk."""
+    data_key = _data_key(state)
+    (state, halted), (metrics, taken) = jax.lax.scan(
+        lambda carry, _: _body(spec, carry, data, data_key, end), (state, jnp.bool_(False)), None, length=spec.length)
+    return state, halted, metrics, taken
+
+
+_python_step = jax.jit(_body, static_argnums=0)
+_python_start = jax.jit(lambda state: ((state, jnp.bool_(False)), _data_key(state)))
+
+
+def _python_chunk(state: TrainState, data: Array, end: Array, spec: _Chunk):
+    """The step body of `_scan_chunk` compiled alone and called from Python once per step, the
+    halting flag carried on the device (no host sync inside the chunk)."""
+    carry, data_key = _python_start(state)
+    outputs = []
+    for _ in range(min(spec.length, int(end) - int(state.step))):
+        carry, out = _python_step(spec, carry, data, data_key, end)
+        outputs.append(out)
+    metrics, taken = jax.tree.map(lambda *xs: np.stack(xs), *outputs)
+    return (*carry, metrics, taken)
+
+
+def _make_chunk(spec: _Chunk, loop: str):
+    """chunk(state, data, end) -> (state, halted, metrics, taken): up to `spec.length` steps, stopping
+    at step `end` or at a non-finite step, run as loop="scan" or loop="python"."""
+    return functools.partial(_scan_chunk if loop == "scan" else _python_chunk, spec=spec)
 
 
 def _primitive_names(jaxpr) -> set[str]:
@@ -276,8 +284,7 @@ def _primitive_names(jaxpr) -> set[str]:
     return names.union(*map(_primitive_names, jcore.subjaxprs(jaxpr)))
 
 
-def _resolve_loop(loop: str, loss_fn, optimizer, stateful: bool, has_aux: bool, ema_decay, state: TrainState,
-                  batch: Array, devices) -> str:
+def _resolve_loop(loop: str, spec: _Chunk, state: TrainState, batch: Array, devices) -> str:
     """"auto" -> "python" when the step runs on CPUs and convolves, "scan" otherwise.
 
     XLA:CPU (jax 0.10) compiles the convolutions of a gradient inside a loop body without the
@@ -289,109 +296,8 @@ def _resolve_loop(loop: str, loss_fn, optimizer, stateful: bool, has_aux: bool, 
         return loop
     if any(d.platform != "cpu" for d in devices):
         return "scan"
-    step = _training_step(loss_fn, optimizer, stateful, has_aux, ema_decay)
-    names = _primitive_names(jax.make_jaxpr(step)(state, batch).jaxpr)
+    names = _primitive_names(jax.make_jaxpr(_training_step(spec))(state, batch).jaxpr)
     return "python" if "conv_general_dilated" in names else "scan"
-
-
-# --- checkpoints ---------------------------------------------------------------
-
-
-def _to_saveable(state: TrainState) -> dict:
-    key = state.key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": key,
-            "objective_state": state.objective_state, "ema_params": state.ema_params}
-
-
-def _from_saved(saved: dict, like: TrainState) -> TrainState:
-    key = saved["key"]
-    if jnp.issubdtype(like.key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(like.key))
-    return TrainState(jnp.asarray(saved["step"]), saved["params"], saved["opt_state"], key,
-                      saved["objective_state"], saved.get("ema_params"))
-
-
-def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=ocp.StandardCheckpointHandler())
-
-
-def _path_name(path) -> str:
-    parts = []
-    for k in path:
-        parts.append(str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))))
-    return "/".join(parts)
-
-
-def _shapes(tree) -> dict[str, tuple]:
-    return {_path_name(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint holds another model: its arrays' shapes differ from this run's."""
-
-
-def _check_shapes(saved_tree, like: dict, where: str) -> None:
-    saved, want = _shapes(saved_tree), _shapes(like)
-    diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k))
-    if diff:
-        lines = "; ".join(f"{k}: saved {saved.get(k, 'absent')}, this run {want.get(k, 'absent')}" for k in diff[:5])
-        raise CheckpointMismatchError(
-            f"the checkpoint {where} holds arrays of other shapes than this run's ({len(diff)} differ: {lines}). "
-            f"It belongs to another model or config: use a new workdir, or the same model to resume. "
-            f"Nothing in the workdir was changed.")
-
-
-def _restore_step(mgr: ocp.CheckpointManager, step: int, like: TrainState) -> TrainState:
-    saveable = _to_saveable(like)
-    _check_shapes(mgr.item_metadata(step).tree, saveable, f"{mgr.directory}/{step}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saveable)
-    return _from_saved(mgr.restore(step, args=ocp.args.StandardRestore(abstract)), like)
-
-
-def restore_newest(directory: str | Path, like: TrainState) -> tuple[TrainState | None, list[tuple[int, str]]]:
-    """The newest checkpoint under `directory` that restores, shaped like `like`, and the skipped ones.
-
-    Orbax writes each checkpoint to a temporary directory and renames it when complete,
-    so a save interrupted by a kill is never seen. A finalised checkpoint that still
-    fails to restore (a file cut short or lost: a bad copy, a disk error) is skipped and
-    listed as (step, reason); older ones are tried in turn. Nothing is deleted.
-
-    Raises:
-      CheckpointMismatchError: a checkpoint's arrays have other shapes than `like`'s.
-    """
-    directory = Path(directory)
-    if not directory.exists():
-        return None, []
-    skipped = []
-    with _manager(directory, keep=1_000_000) as mgr:
-        for step in sorted(mgr.all_steps(), reverse=True):
-            try:
-                return _restore_step(mgr, step, like), skipped
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure to read means this copy is damaged
-                skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
-    return None, skipped
-
-
-def restore_latest(directory: str | Path, like: TrainState) -> TrainState | None:
-    """The newest checkpoint under `directory` that restores (see `restore_newest`); None if there is none."""
-    return restore_newest(directory, like)[0]
-
-
-def _set_aside(directory: Path, skipped: list[tuple[int, str]]) -> Path:
-    """Move damaged checkpoints out of the manager's way (a new save reuses their step): never delete them."""
-    aside = directory.with_name(directory.name + ".damaged")
-    aside.mkdir(exist_ok=True)
-    for step, _ in skipped:
-        target = aside / str(step)
-        while target.exists():
-            target = target.with_name(target.name + "+")
-        shutil.move(str(directory / str(step)), str(target))
-    return aside
 
 
 # --- metrics and callbacks ---------------------------------------------------------
@@ -443,7 +349,7 @@ class _Callbacks:
                 self.rows[c.name] = [r for r in saved if r["step"] <= up_to]
 
     def stops(self, step: int) -> list[int]:
-        return [(step // c.every + 1) * c.every for c in self.callbacks]
+        return [_next_multiple(step, c.every) for c in self.callbacks]
 
     def run(self, state: TrainState, last: int) -> None:
         """Run the callbacks due at state.step: multiples of their `every`, and the run's `last` step."""
@@ -478,32 +384,11 @@ def _check_callbacks(callbacks) -> tuple[Callback, ...]:
     return callbacks
 
 
-def _kill_hook(step: int, moment: str, mgr=None) -> None:
-    """The JSM_TEST_KILL_AT test hook (see KILL_MOMENTS)."""
-    spec = os.environ.get("JSM_TEST_KILL_AT")
-    if spec:
-        at, _, when = spec.partition(":")
-        if int(at) == step and (when or "before_save") == moment:
-            if mgr is not None:
-                mgr.wait_until_finished()
-            os.kill(os.getpid(), signal.SIGKILL)
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
 
 
-# --- the loop ------------------------------------------------------------------
-
-
-def _roll_back(state: TrainState, start: TrainState, mgr, last_saved: int | None, bad_step: int, place):
-    """The last good checkpoint (or the start), with the failed attempt's key folded with bad_step.
-
-    Folding the key of the attempt that failed (not the checkpoint's) chains the keys of
-    successive rollbacks, so two failures at the same step never reuse a key.
-    """
-    good = start
-    if mgr is not None and last_saved is not None:
-        mgr.wait_until_finished()
-        good = _restore_step(mgr, last_saved, state)
-    good = place(good._replace(key=jax.random.fold_in(state.key, bad_step)))
-    return good, int(good.step)
+# --- devices -----------------------------------------------------------------------
 
 
 def _placement(mesh, batch_size: int):
@@ -539,8 +424,144 @@ def _put(tree: PyTree, where) -> PyTree:
     return jax.tree.map(leaf, tree)
 
 
-def _next_multiple(step: int, every: int) -> int:
-    return (step // every + 1) * every
+# --- the driver ------------------------------------------------------------------
+#
+# `fit` checks its arguments, opens the workdir (`_resume`), then runs chunks until `steps` (`_drive`):
+# a finished chunk is logged, called back and saved (`_finish_chunk`); a chunk that met a
+# non-finite step raises or rolls back (`_non_finite`). `_Run` is what they share.
+
+
+@dataclasses.dataclass
+class _Run:
+    """The state of a run between chunks, and where its files go."""
+
+    state: TrainState
+    place: Callable[[PyTree], PyTree]  # puts a state where the run keeps it (one device or the mesh)
+    lead: bool  # the one process that writes files
+    hooks: _Callbacks | None = None
+    mgr: Any = None  # the orbax manager of jsm.checkpoint; None without a workdir
+    metrics_path: Path | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+    last_saved: int | None = None  # the newest checkpoint's step
+    start: TrainState | None = None  # where a rollback goes when no checkpoint was saved yet
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+
+def _check_options(data, batch_size: int, loop: str, callbacks, ema_decay, objective_state, has_aux: bool):
+    """fit's checks beyond single numbers; returns (callbacks, ema_decay) checked."""
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+    callbacks = _check_callbacks(callbacks)
+    ema_decay = _ema_decay(ema_decay)
+    if batch_size > data.shape[0]:
+        raise ValueError(f"batch_size must be <= the number of examples {data.shape[0]}, got {batch_size}")
+    if objective_state is not None and has_aux:
+        raise ValueError("has_aux is for a plain loss(params, key, batch); with objective_state the loss "
+                         "returns (loss, aux, state) already")
+    return callbacks, ema_decay
+
+
+def _resume(run: _Run, workdir: Path, keep: int) -> None:
+    """Restore the newest checkpoint of `workdir` that reads, set damaged ones aside (with a warning
+    each), keep the metrics logged up to it and open the checkpoint manager."""
+    from jsm import checkpoint  # imported on demand: orbax only for runs that write checkpoints
+
+    directory = workdir / "checkpoints"
+    # Every process makes it: orbax's manager synchronises the processes only when the directory
+    # is missing, and a process that saw it made by another would skip that barrier (a deadlock).
+    directory.mkdir(parents=True, exist_ok=True)
+    restored, skipped = checkpoint.restore_newest(directory, run.state)
+    if skipped and restored is None:
+        raise RuntimeError(
+            f"fit: no checkpoint under {directory} restores: " + "; ".join(f"step {s}: {why}" for s, why in skipped)
+            + ". Nothing was changed; move the checkpoints away (or use a new workdir) to start afresh.")
+    if skipped:
+        aside = checkpoint.set_aside(directory, skipped) if run.lead else workdir / "checkpoints.damaged"
+        for s, why in skipped:
+            warnings.warn(f"fit: checkpoint {directory}/{s} could not be restored ({why}); moved to {aside}/{s} "
+                          f"and resuming from step {int(restored.step)}", RuntimeWarning, stacklevel=3)
+    if restored is not None:
+        run.state = restored
+    run.metrics_path = workdir / "metrics.jsonl"
+    run.history = _read_rows(run.metrics_path, run.step, rewrite=run.lead)
+    run.mgr = checkpoint.manager(directory, keep)
+    run.last_saved = run.step if run.mgr.latest_step() is not None else None
+
+
+def _drive(run: _Run, chunk, data: Array, last: int, log_every: int, checkpoint_every: int, rollbacks: int,
+           bar) -> None:
+    """Run chunks until step `last`; each ends at the next multiple of `log_every`, of `checkpoint_every`
+    or of a callback's `every`, or at `last`."""
+    while run.step < last:
+        t0 = time.perf_counter()
+        end = min(_next_multiple(run.step, log_every), _next_multiple(run.step, checkpoint_every), last,
+                  *run.hooks.stops(run.step))
+        state, halted, metrics, taken = chunk(run.state, data, jnp.asarray(end, jnp.int32))
+        if bool(halted):
+            rollbacks = _non_finite(run, state, rollbacks, last, bar)
+            continue
+        row = _chunk_row(int(state.step), metrics, taken, time.perf_counter() - t0)
+        _finish_chunk(run, state, row, last, checkpoint_every, bar)
+
+
+def _finish_chunk(run: _Run, state: TrainState, row: dict, last: int, checkpoint_every: int, bar) -> None:
+    """Log a chunk's row, run the callbacks due, then save when a checkpoint is due."""
+    from jsm import checkpoint
+
+    previous, run.state = run.step, state
+    run.history.append(row)
+    if run.metrics_path is not None and run.lead:
+        with run.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    run.hooks.run(state, last)  # before the checkpoint: a run resumed from it never lacks these results
+    if run.mgr is not None and (run.step % checkpoint_every == 0 or run.step == last):
+        checkpoint.save(run.mgr, run.step, state)
+        run.last_saved = run.step
+    bar.update(run.step - previous)
+    bar.set_postfix(loss=f"{row['loss']:.4g}")
+
+
+def _non_finite(run: _Run, stopped: TrainState, rollbacks: int, last: int, bar) -> int:
+    """A chunk `stopped` before a non-finite step: raise NonFiniteError, or with rollbacks left go back
+    to the last good checkpoint (or the start) and return how many rollbacks are left."""
+    bad_step = int(stopped.step) + 1
+    if rollbacks == 0:
+        where = f"{run.mgr.directory}/{run.last_saved}" if run.last_saved is not None else "none saved yet"
+        raise NonFiniteError(
+            f"fit: the loss or a gradient became non-finite at step {bad_step}; that update was not applied. "
+            f"Last good checkpoint: {where} (step {run.last_saved}). Try a smaller learning rate, gradient "
+            f"clipping (optax.clip_by_global_norm), a larger noise scale / energy penalty, or "
+            f"fit(..., rollbacks=k) to go back to the checkpoint with a new key.",
+            step=bad_step, checkpoint_step=run.last_saved, state=stopped)
+    _roll_back(run, bad_step)
+    bar.reset(total=last)
+    bar.update(run.step)
+    bar.write(f"fit: non-finite at step {bad_step}; rolled back to step {run.step} with a new key "
+              f"({rollbacks - 1} rollbacks left)")
+    return rollbacks - 1
+
+
+def _roll_back(run: _Run, bad_step: int) -> None:
+    """Back to the last good checkpoint (or the start), with the failed attempt's key folded with bad_step;
+    the rows and callback results past it are dropped.
+
+    Folding the key of the attempt that failed (not the checkpoint's) chains the keys of
+    successive rollbacks, so two failures at the same step never reuse a key.
+    """
+    good = run.start
+    if run.mgr is not None and run.last_saved is not None:
+        from jsm import checkpoint
+
+        run.mgr.wait_until_finished()
+        good = checkpoint.restore(run.mgr, run.last_saved, run.state)
+    run.state = run.place(good._replace(key=jax.random.fold_in(run.state.key, bad_step)))
+    run.history = [row for row in run.history if row["step"] <= run.step]
+    if run.metrics_path is not None:
+        _read_rows(run.metrics_path, run.step, rewrite=run.lead)
+    run.hooks.truncate(run.step)
 
 
 def fit(
@@ -619,11 +640,11 @@ def fit(
     Raises:
       NonFiniteError: a loss or gradient was not finite; nothing after the last
         finite step was applied or saved.
-      CheckpointMismatchError: the workdir's checkpoint holds arrays of other shapes.
+      jsm.checkpoint.CheckpointMismatchError: the workdir's checkpoint holds arrays of other shapes.
 
     A newest checkpoint that cannot be read (cut short, files lost) is skipped with a
     warning naming it and the reason, moved to `checkpoints.damaged/` (never deleted),
-    and the run resumes from the newest one that restores.
+    and the run resumes from the newest one that restores (see `jsm.checkpoint`).
     """
     data = _validate.examples("data", data)
     _validate.key("key", key)
@@ -633,109 +654,40 @@ def fit(
     keep = _validate.positive_int("keep", keep)
     log_every = _validate.positive_int("log_every", log_every)
     rollbacks = _validate.positive_int("rollbacks", rollbacks, minimum=0)
-    if loop not in LOOPS:
-        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
-    callbacks = _check_callbacks(callbacks)
-    ema_decay = _ema_decay(ema_decay)
-    if batch_size > data.shape[0]:
-        raise ValueError(f"batch_size must be <= the number of examples {data.shape[0]}, got {batch_size}")
-    stateful = objective_state is not None
-    if stateful and has_aux:
-        raise ValueError("has_aux is for a plain loss(params, key, batch); with objective_state the loss "
-                         "returns (loss, aux, state) already")
-
+    callbacks, ema_decay = _check_options(data, batch_size, loop, callbacks, ema_decay, objective_state, has_aux)
     placement, batch_sharding = _placement(mesh, batch_size)
-    place = lambda tree: _put(tree, placement)
-    lead = jax.process_index() == 0  # the one process that writes files
-    # Committed like a restored state, so a fresh and a resumed run share one compile.
-    state = place(init_state(params, optimizer, key, objective_state, ema_decay=ema_decay))
-    data = place(data)  # every device can gather any batch; the batch itself is then split
-    mgr = metrics_path = callback_dir = None
-    history: list[dict] = []
-    if workdir is not None:
-        workdir = Path(workdir)
-        # Every process makes it: orbax's manager synchronises the processes only when the directory
-        # is missing, and a process that saw it made by another would skip that barrier (a deadlock).
-        (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        metrics_path, callback_dir = workdir / "metrics.jsonl", workdir / "callbacks"
-        restored, skipped = restore_newest(workdir / "checkpoints", state)
-        if skipped and restored is None:
-            raise RuntimeError(
-                "fit: no checkpoint under " f"{workdir / 'checkpoints'} restores: "
-                + "; ".join(f"step {s}: {why}" for s, why in skipped)
-                + ". Nothing was changed; move the checkpoints away (or use a new workdir) to start afresh.")
-        if skipped:
-            aside = _set_aside(workdir / "checkpoints", skipped) if lead else workdir / "checkpoints.damaged"
-            for s, why in skipped:
-                warnings.warn(f"fit: checkpoint {workdir / 'checkpoints'}/{s} could not be restored ({why}); "
-                              f"moved to {aside}/{s} and resuming from step {int(restored.step)}",
-                              RuntimeWarning, stacklevel=2)
-        if restored is not None:
-            state = restored
-        history = _read_rows(metrics_path, int(state.step), rewrite=lead)
-        mgr = _manager(workdir / "checkpoints", keep)
+    spec = _Chunk(loss_fn, optimizer, batch_size, min(log_every, checkpoint_every), objective_state is not None,
+                  has_aux, ema_decay, batch_sharding)
 
+    place = functools.partial(_put, where=placement)
+    # Committed like a restored state, so a fresh and a resumed run share one compile.
+    run = _Run(place(init_state(params, optimizer, key, objective_state, ema_decay=ema_decay)), place,
+               lead=jax.process_index() == 0)
+    data = place(data)  # every device can gather any batch; the batch itself is then split
+    if workdir is not None:
+        _resume(run, Path(workdir), keep)
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
-    loop = _resolve_loop(loop, loss_fn, optimizer, stateful, has_aux, ema_decay, state, data[:batch_size], devices)
-    run_chunk = _make_chunk(loss_fn, optimizer, batch_size, min(log_every, checkpoint_every), stateful, has_aux,
-                            ema_decay, batch_sharding, loop)
-    step = int(state.step)
-    hooks = _Callbacks(callbacks, callback_dir, step, write=lead)
-    hooks.run(state, steps)  # a callback added on resuming, or one whose result the kill lost
-    last_saved = step if mgr is not None and mgr.latest_step() is not None else None
-    start_state = state  # where a rollback goes when no checkpoint was saved yet
-    bar = tqdm(total=steps, initial=min(step, steps), disable=not (progress and lead), desc="fit", unit="step")
+    chunk = _make_chunk(spec, _resolve_loop(loop, spec, run.state, data[:batch_size], devices))
+    run.hooks = _Callbacks(callbacks, None if workdir is None else Path(workdir) / "callbacks", run.step,
+                           write=run.lead)
+    run.hooks.run(run.state, steps)  # a callback added on resuming, or one whose result the kill lost
+    run.start = run.state
+
+    from tqdm.auto import tqdm  # imported on demand, as orbax is
+
+    bar = tqdm(total=steps, initial=min(run.step, steps), disable=not (progress and run.lead), desc="fit",
+               unit="step")
     try:
-        while step < steps:
-            t0 = time.perf_counter()
-            end = min(_next_multiple(step, log_every), _next_multiple(step, checkpoint_every), steps,
-                      *hooks.stops(step))
-            new_state, halted, metrics, taken = run_chunk(state, data, jnp.asarray(end, jnp.int32))
-            new_step = int(new_state.step)
-            if bool(halted) and rollbacks > 0:
-                rollbacks -= 1
-                state, step = _roll_back(state, start_state, mgr, last_saved, new_step + 1, place)
-                history = [row for row in history if row["step"] <= step]
-                if metrics_path is not None:
-                    _read_rows(metrics_path, step, rewrite=lead)
-                hooks.truncate(step)
-                bar.reset(total=steps)
-                bar.update(step)
-                bar.write(f"fit: non-finite at step {new_step + 1}; rolled back to step {step} with a new key "
-                          f"({rollbacks} rollbacks left)")
-                continue
-            if bool(halted):
-                where = f"{mgr.directory}/{last_saved}" if last_saved is not None else "none saved yet"
-                raise NonFiniteError(
-                    f"fit: the loss or a gradient became non-finite at step {new_step + 1}; "
-                    f"that update was not applied. Last good checkpoint: {where} "
-                    f"(step {last_saved}). Try a smaller learning rate, gradient clipping "
-                    f"(optax.clip_by_global_norm), a larger noise scale / energy penalty, or "
-                    f"fit(..., rollbacks=k) to go back to the checkpoint with a new key.",
-                    step=new_step + 1,
-                    checkpoint_step=last_saved,
-                    state=new_state,
-                )
-            state = new_state
-            row = _chunk_row(new_step, metrics, taken, time.perf_counter() - t0)
-            history.append(row)
-            if metrics_path is not None and lead:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-            _kill_hook(new_step, "before_save")
-            hooks.run(state, steps)  # before the checkpoint: a run resumed from it never lacks these results
-            if mgr is not None and (new_step % checkpoint_every == 0 or new_step == steps):
-                mgr.save(new_step, args=ocp.args.StandardSave(_to_saveable(state)))
-                _kill_hook(new_step, "during_save")  # the save runs in the background: killed halfway
-                last_saved = new_step
-                _kill_hook(new_step, "after_save", mgr)
-            bar.update(new_step - step)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-            step = new_step
+        _drive(run, chunk, data, steps, log_every, checkpoint_every, rollbacks, bar)
     finally:
         bar.close()
-        if mgr is not None:
-            mgr.wait_until_finished()
-            mgr.close()
-    return FitResult(state.params, state.opt_state, int(state.step), history, state.objective_state,
-                     state.ema_params, hooks.rows)
+        if run.mgr is not None:
+            run.mgr.wait_until_finished()
+            run.mgr.close()
+    s = run.state
+    return FitResult(s.params, s.opt_state, int(s.step), run.history, s.objective_state, s.ema_params, run.hooks.rows)
+
+
+# Names that lived here before checkpoints had a module of their own.
+__getattr__ = _compat.moved(__name__, {name: f"jsm.checkpoint.{name}" for name in (
+    "CheckpointMismatchError", "restore_latest", "restore_newest")})

@@ -38,18 +38,18 @@ def _free_port() -> int:
 
 
 def _hosts(out, run, kill_at=None):
-    """Two processes of one device each training together; process 1 killed at step `kill_at` if given."""
+    """Two processes of one device each training together; process 1 killed at step `kill_at` if given
+    (STEP[:MOMENT] of tests/kill_at.py; a multiple of log_every, where both processes end a chunk)."""
     port = _free_port()
     procs, logs = [], []
     for pid in (0, 1):
         env = _env(JSM_PROCESS=f"{pid}/2/{port}")
-        if kill_at and pid == 1:
-            env["JSM_TEST_KILL_AT"] = kill_at
+        kill = ["--kill-at", kill_at] if kill_at and pid == 1 else []
         # Output goes to files: a pipe that nobody reads while waiting on the other process fills and blocks.
         logs.append(Path(str(out) + f".{pid}.log"))
         with logs[-1].open("w") as log:
-            procs.append(subprocess.Popen([sys.executable, WORKER, str(out), run], env=env, stdout=log, stderr=log,
-                                          stdin=subprocess.DEVNULL))
+            procs.append(subprocess.Popen([sys.executable, WORKER, str(out), run, *kill], env=env, stdout=log,
+                                          stderr=log, stdin=subprocess.DEVNULL))
     if kill_at:
         assert procs[1].wait(timeout=300) == -signal.SIGKILL
         time.sleep(1.0)

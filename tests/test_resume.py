@@ -1,5 +1,5 @@
 """Whole experiments killed with SIGKILL (at chosen steps, before, during and after a save, through the
-JSM_TEST_KILL_AT hook) and started again: they end exactly where an uninterrupted run ends."""
+test-only wrapper tests/kill_at.py) and started again: they end exactly where an uninterrupted run ends."""
 
 import json
 import os
@@ -14,13 +14,12 @@ import optax
 import pytest
 from flax import nnx
 
-from jsm import nets, train
+from jsm import checkpoint, nets, train
 
 from conftest import assert_same_params
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
+KILL_AT = str(Path(__file__).with_name("kill_at.py"))
 
 SMALL = ["--steps", "300", "--checkpoint-every", "30", "--log-every", "15", "--hidden", "32,32",
          "--n-train", "2000", "--n-test", "500", "--n-chains", "64", "--langevin-steps", "10", "--no-progress"]
@@ -30,8 +29,10 @@ SMALL_PCD = ["--method", "pcd", "--steps", "120", "--evaluations", "2", "--check
              "--grid-n", "32", "--long-run-chains", "64", "--steps-langevin", "5", "--no-progress"]
 
 
-def _command(script, workdir, args):
-    return [sys.executable, str(ROOT / "experiments" / script), "--workdir", str(workdir), *args]
+def _command(script, workdir, args, kill_at=None):
+    """`python experiments/<script> --workdir ...`, or through tests/kill_at.py to be killed at `kill_at`."""
+    wrapper = [] if kill_at is None else [KILL_AT, kill_at]
+    return [sys.executable, *wrapper, str(ROOT / "experiments" / script), "--workdir", str(workdir), *args]
 
 
 def _finalised_steps(checkpoints: Path):
@@ -44,18 +45,17 @@ def _completes(command: list[str], env: dict) -> None:
 
 
 def _kill_and_resume(tmp_path, script, args, kill_at, run_dir=""):
-    """Run once whole; run again killed at each `kill_at` (a step and a moment of the JSM_TEST_KILL_AT
-    hook: before, during or after a save) and restarted with the same command each time; return the two
-    workdirs. `run_dir` is where the checkpoints live. Chosen moments, not wall-clock ones: the same
-    kills on any machine, at any load."""
+    """Run once whole; run again killed at each `kill_at` (STEP[:MOMENT] of tests/kill_at.py: before,
+    during or after a save), each time the same command under the wrapper, and finally without it
+    to the end; return the two workdirs. `run_dir` is where the checkpoints live. Chosen moments,
+    not wall-clock ones: the same kills on any machine, at any load."""
     # A persistent compilation cache shared by the runs: each restart skips the compiles.
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _completes(_command(script, whole, args), env)
     for spec in kill_at:
-        proc = subprocess.run(_command(script, killed, args), env=env | {"JSM_TEST_KILL_AT": spec},
-                              capture_output=True)
+        proc = subprocess.run(_command(script, killed, args, kill_at=spec), env=env, capture_output=True)
         assert proc.returncode == -signal.SIGKILL, f"not killed at {spec}: {proc.stderr.decode()[-2000:]}"
     _completes(_command(script, killed, args), env)
     return whole / run_dir, killed / run_dir
@@ -63,6 +63,38 @@ def _kill_and_resume(tmp_path, script, args, kill_at, run_dir=""):
 
 def _logged(run_dir: Path, *fields):
     return [tuple(r[f] for f in fields) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+# A run of 40 steps logged every 10, saved every 20, with a callback every 10 (a workdir as its argument).
+TINY_RUN = """
+import sys
+import jax, jax.numpy as jnp, optax
+import jsm
+jsm.fit(lambda p, k, xs: jnp.mean((xs - p) ** 2), jnp.zeros(2), jnp.ones((64, 2)), optimizer=optax.sgd(0.1),
+        key=jax.random.key(0), steps=40, batch_size=16, workdir=sys.argv[1], checkpoint_every=20, log_every=10,
+        progress=False, callbacks=[jsm.train.Callback("seen", 10, lambda state: {})])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["before_save", "during_save", "after_save"])
+def test_the_kill_wrapper_stops_a_run_at_the_chosen_step_and_moment(tmp_path, moment):
+    """Step 20, a save step: logged at each moment; before_save, ahead of its callbacks and its save;
+    during_save, with the save begun and the callbacks done; after_save, with checkpoint 20 complete."""
+    (tmp_path / "tiny.py").write_text(TINY_RUN)
+    workdir = tmp_path / "w"
+    proc = subprocess.run([sys.executable, KILL_AT, f"20:{moment}", str(tmp_path / "tiny.py"), str(workdir)],
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert _logged(workdir, "step") == [(10,), (20,)]
+    called = [r["step"] for r in json.loads((workdir / "callbacks" / "seen.json").read_text())]
+    saves = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    if moment == "before_save":
+        assert called == [10] and saves == []
+    elif moment == "during_save":  # orbax finishes it in the background: most often still a temporary directory
+        assert called == [10, 20] and len(saves) == 1 and saves[0].startswith("20")
+    else:
+        assert called == [10, 20] and saves == ["20"]
 
 
 @pytest.mark.slow
@@ -76,7 +108,7 @@ def test_killed_experiment_resumes_to_identical_parameters(tmp_path):
     apply, params = nets.pure(nets.MLPScore(2, (32, 32), rngs=nnx.Rngs(0)))
     # score_matching_2d.py samples at the EMA of the parameters: the checkpoints carry it.
     like = train.TrainState(jnp.int32(0), params, optax.adam(1e-3).init(params), jax.random.key(0), None, params)
-    a, b = (train.restore_latest(d / "checkpoints", like) for d in (whole, killed))
+    a, b = (checkpoint.restore_latest(d / "checkpoints", like) for d in (whole, killed))
     assert int(a.step) == int(b.step) == 300
     assert_same_params(a.params, b.params)
     assert_same_params(a.opt_state, b.opt_state)
@@ -106,7 +138,7 @@ def test_killed_pcd_run_resumes_to_identical_parameters_and_chains(tmp_path):
     buffer = jnp.zeros((256, 2))
     opt_state = optax.adam(1e-3, b1=0.5).init(params)
     like = train.TrainState(jnp.int32(0), params, opt_state, jax.random.key(0), buffer)
-    a, b = (train.restore_latest(d / "checkpoints", like) for d in (whole, killed))
+    a, b = (checkpoint.restore_latest(d / "checkpoints", like) for d in (whole, killed))
     assert int(a.step) == int(b.step) == 120
     assert_same_params(a.params, b.params)
     assert_same_params(a.opt_state, b.opt_state)

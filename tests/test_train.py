@@ -1,7 +1,10 @@
-"""The training loop: the pure step, exact resume, callbacks, EMA, damaged checkpoints, the NaN guard, bad input."""
+"""The training loop: the pure step, exact resume, callbacks, EMA, damaged checkpoints, the NaN guard, bad input;
+the names that moved to jsm.checkpoint."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ import pytest
 from flax import nnx
 
 import jsm
-from jsm import nets, objectives, train
+from jsm import checkpoint, nets, objectives, train
 
 from conftest import assert_same_params
 
@@ -73,7 +76,7 @@ def test_typed_and_raw_keys_restore_exactly(problem, tmp_path):
     c = run(problem, None, 40, key=raw)
     assert_same_params(b.params, c.params)
     state = train.TrainState(jnp.int32(0), a.params, a.opt_state, jax.random.key(3))
-    restored = train.restore_latest(tmp_path / "raw" / "checkpoints", state._replace(key=raw))
+    restored = checkpoint.restore_latest(tmp_path / "raw" / "checkpoints", state._replace(key=raw))
     assert int(restored.step) == 40 and restored.key.dtype == jnp.uint32
     np.testing.assert_array_equal(restored.key, raw)
 
@@ -118,18 +121,21 @@ def test_non_finite_data_is_refused(problem):
 
 
 def test_nothing_recompiles_on_a_second_call(problem, tmp_path):
-    """fit in segments and run_chains called twice with the same shapes compile once."""
+    """fit in segments and run_chains called twice with the same shapes compile once; a new optimizer
+    object compiles anew (jit's cache is keyed on the loss and the optimizer)."""
     from jsm import samplers
 
     loss, params, data = problem
     optimizer = optax.adam(1e-2)
-    kw = dict(optimizer=optimizer, key=jax.random.key(0), batch_size=32, workdir=tmp_path, checkpoint_every=20,
-              log_every=10, progress=False, has_aux=True)
-    jsm.fit(loss, params, data, steps=20, **kw)
-    chunk = train._make_chunk(loss, optimizer, 32, 10, False, True, None, None, "scan")
-    assert chunk._cache_size() == 1
-    jsm.fit(loss, params, data, steps=40, **kw)  # resumes in the same process
-    assert chunk._cache_size() == 1
+    kw = dict(key=jax.random.key(0), batch_size=32, workdir=tmp_path, checkpoint_every=20, log_every=10,
+              progress=False, has_aux=True)
+    before = train._scan_chunk._cache_size()
+    jsm.fit(loss, params, data, steps=20, optimizer=optimizer, **kw)
+    assert train._scan_chunk._cache_size() == before + 1
+    jsm.fit(loss, params, data, steps=40, optimizer=optimizer, **kw)  # resumes in the same process
+    assert train._scan_chunk._cache_size() == before + 1
+    jsm.fit(loss, params, data, steps=50, optimizer=optax.adam(1e-2), **kw)
+    assert train._scan_chunk._cache_size() == before + 2
 
     kernel = samplers.ula(lambda x: -x, 0.1)
     before = samplers._run._cache_size()
@@ -179,9 +185,9 @@ def test_auto_loop_steps_from_python_for_a_convnet_on_cpu(problem):
     loss, params, data = problem
     optimizer = optax.sgd(0.1)
     cpu = jax.devices("cpu")
+    spec = lambda loss: train._Chunk(loss, optimizer, batch_size=4, length=10, stateful=False)
     resolve = lambda loss, params, batch, devices: train._resolve_loop(
-        "auto", loss, optimizer, False, False, None, train.init_state(params, optimizer, jax.random.key(0)),
-        batch, devices)
+        "auto", spec(loss), train.init_state(params, optimizer, jax.random.key(0)), batch, devices)
     conv = nnx.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0))
     graph, conv_params = nnx.split(conv)
     conv_loss = lambda p, k, xs: jnp.mean(nnx.merge(graph, p)(xs) ** 2)
@@ -194,7 +200,7 @@ def test_auto_loop_steps_from_python_for_a_convnet_on_cpu(problem):
 
     assert resolve(conv_loss, conv_params, images, [Accelerator()]) == "scan"
     for given in ("scan", "python"):  # an explicit choice is kept
-        assert train._resolve_loop(given, conv_loss, optimizer, False, False, None, None, images, cpu) == given
+        assert train._resolve_loop(given, spec(conv_loss), None, images, cpu) == given
 
 
 # --- the pure step -----------------------------------------------------------------
@@ -328,8 +334,27 @@ def test_a_checkpoint_of_another_model_is_refused_and_nothing_is_overwritten(pro
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     apply, params = nets.pure(nets.MLPScore(2, (8, 16), rngs=nnx.Rngs(0)))
     loss = lambda p, k, xs: objectives.dsm(lambda x: apply(p, x), k, xs, 0.5)
-    with pytest.raises(train.CheckpointMismatchError,
+    with pytest.raises(checkpoint.CheckpointMismatchError,
                        match=r"checkpoints/40 holds arrays of other shapes .*layers/0/kernel/value: saved \(2, 16\), "
                              r"this run \(2, 8\).*Nothing in the workdir was changed"):
         run((loss, params, problem[2]), tmp_path, 60, has_aux=False)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+# --- where the checkpoint names live -----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["restore_latest", "restore_newest", "CheckpointMismatchError"])
+def test_a_checkpoint_name_under_its_old_home_warns_and_is_the_same_object(name):
+    with pytest.warns(DeprecationWarning, match=rf"jsm\.train\.{name} moved to jsm\.checkpoint\.{name}"):
+        old = getattr(train, name)
+    assert old is getattr(checkpoint, name)
+    with pytest.raises(AttributeError, match="has no attribute 'restore_everything'"):
+        train.restore_everything
+
+
+def test_importing_the_training_step_loads_neither_orbax_nor_tqdm():
+    """Only `fit` imports them (jsm.checkpoint, the progress bar), when it runs."""
+    code = "import sys, jsm.train; print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'tqdm'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
