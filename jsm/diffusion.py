@@ -49,8 +49,8 @@ from jsm.samplers import CHAINS, snr_langevin_move
 from jsm.sde import SDE, check_sde, check_t_min
 
 __all__ = [
-    "NULL_LABEL", "SAMPLING_T_MIN", "SolveInfo", "check_solved", "encode", "guided", "ode_drift", "probability_flow",
-    "reverse_drift", "reverse_sde", "solve_ode", "tweedie_denoise",
+    "FLOW_METHODS", "KARRAS_RHO", "NULL_LABEL", "SAMPLING_T_MIN", "SolveInfo", "check_solved", "encode", "guided",
+    "ode_drift", "probability_flow", "reverse_drift", "reverse_sde", "solve_ode", "time_grid", "tweedie_denoise",
 ]
 
 Array = jax.Array
@@ -245,6 +245,16 @@ def _reverse_sde(score_fn, sde, key, x_T, y, w, args, n_steps, corrector_steps, 
 # --- sampling and encoding: the probability-flow ODE ------------------------------------
 
 
+def _finish(diffrax, sol, evaluations_per_step: int, first: int) -> tuple:
+    """(y1, SolveInfo) of a diffrax solution saved at t1: NaN where the solve failed or went non-finite."""
+    y1 = jax.tree.map(lambda a: a[0], sol.ys)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(y1)]))
+    success = (sol.result == diffrax.RESULTS.successful) & finite
+    y1 = jax.tree.map(lambda a: jnp.where(success, a, jnp.nan), y1)
+    n = sol.stats["num_steps"]
+    return y1, SolveInfo(success, n, sol.stats["num_accepted_steps"], evaluations_per_step * n + first)
+
+
 def solve_ode(vector_field, y0, t0, t1, *, rtol, atol, max_steps: int) -> tuple:
     """y(t1) for dy/dt = vector_field(t, y) from y(t0) = y0 (any pytree), either direction.
 
@@ -263,12 +273,7 @@ def solve_ode(vector_field, y0, t0, t1, *, rtol, atol, max_steps: int) -> tuple:
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), saveat=diffrax.SaveAt(t1=True),
         max_steps=max_steps, throw=False,
     )
-    y1 = jax.tree.map(lambda a: a[0], sol.ys)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(y1)]))
-    success = (sol.result == diffrax.RESULTS.successful) & finite
-    y1 = jax.tree.map(lambda a: jnp.where(success, a, jnp.nan), y1)
-    n = sol.stats["num_steps"]
-    return y1, SolveInfo(success, n, sol.stats["num_accepted_steps"], TSIT5_STAGES * n + 1)
+    return _finish(diffrax, sol, TSIT5_STAGES, 1)
 
 
 def check_solved(where: str, info: SolveInfo, max_steps: int, rtol, atol) -> None:
@@ -299,23 +304,116 @@ def _ode_options(sde, t_min, rtol, atol, max_steps) -> int:
     return _validate.positive_int("max_steps", max_steps)
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "max_steps", "denoise"))
-def _flow(score_fn, sde, xs, y, w, args, t0, t1, rtol, atol, max_steps, denoise=False):
+def _heun(vector_field, y0, ts: Array) -> tuple:
+    """Heun's method (2nd order, two evaluations a step) on the given grid ts, through diffrax."""
+    import diffrax
+
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), diffrax.Heun(), ts[0], ts[-1], None, y0,
+        stepsize_controller=diffrax.StepTo(ts=ts), saveat=diffrax.SaveAt(t1=True), max_steps=ts.shape[0] - 1,
+        throw=False,
+    )
+    return _finish(diffrax, sol, 2, 0)
+
+
+def _dpm_solver_pp(denoise_fn, sde: SDE, x: Array, ts: Array, second_order: bool) -> tuple:
+    """DPM-Solver++ (Lu et al. 2022) on the grid ts: 2M (multistep) or first order (= DDIM, η = 0).
+
+    With λ_t = log(α_t/σ_t), h_i = λ_{t_{i+1}} - λ_{t_i} and D_i the denoiser x̂_0(x_{t_i}, t_i),
+
+        x_{t_{i+1}} = (σ_{t_{i+1}}/σ_{t_i}) x_{t_i} + α_{t_{i+1}} (1 - e^{-h_i}) D,
+
+    exact for a denoiser constant in t; D = D_i (first order), or 2M's extrapolation
+    D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1}/h_i, from the second step on. One
+    evaluation of the score per step.
+    """
+    alphas, sigmas = sde.marginal(ts)
+    lam = jnp.log(alphas) - jnp.log(sigmas)
+
+    def step(carry, i):
+        x, d_prev = carry
+        d = denoise_fn(x, ts[i])
+        h = lam[i + 1] - lam[i]
+        if second_order:
+            r = jnp.where(i == 0, 1.0, (lam[i] - lam[jnp.maximum(i - 1, 0)]) / h)
+            d_used = jnp.where(i == 0, d, (1.0 + 0.5 / r) * d - (0.5 / r) * d_prev)
+        else:
+            d_used = d
+        x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * jnp.expm1(-h) * d_used
+        return (x, d), None
+
+    n = ts.shape[0] - 1
+    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), jnp.arange(n))
+    success = jnp.all(jnp.isfinite(x))
+    steps = jnp.asarray(n, jnp.int32)
+    return jnp.where(success, x, jnp.nan), SolveInfo(success, steps, steps, steps)
+
+
+FLOW_METHODS = ("adaptive", "heun", "ddim", "dpmpp_2m")
+KARRAS_RHO = 7.0  # Karras et al. (2022)'s ρ: the grid's steps concentrate at low noise
+
+
+def time_grid(sde: SDE, n_steps: int, t_min, *, spacing: str = "log_snr", rho: float = KARRAS_RHO) -> Array:
+    """n_steps + 1 times from T down to t_min, for the fixed-step probability-flow solvers.
+
+    "log_snr":  uniform in λ(t) = log(α_t²/σ_t²) (DPM-Solver's grid), t_i = λ⁻¹(λ_i).
+    "karras":   uniform in ς^{1/ρ}, ς = σ_t/α_t the noise-to-signal ratio, ρ = 7 (Karras et
+                al. 2022, EDM's grid): ς_i = (ς_max^{1/ρ} + i/N (ς_min^{1/ρ} - ς_max^{1/ρ}))^ρ.
+    The end points are T and t_min exactly.
+    """
+    dt = jnp.result_type(float)
+    t_min = jnp.asarray(t_min, dt)
+    lam_T, lam_min = sde.log_snr(jnp.asarray(sde.T, dt)), sde.log_snr(t_min)
+    u = jnp.linspace(0.0, 1.0, n_steps + 1, dtype=dt)
+    if spacing == "log_snr":
+        lam = lam_T + u * (lam_min - lam_T)
+    else:
+        lo, hi = jnp.exp(-lam_min / (2 * rho)), jnp.exp(-lam_T / (2 * rho))  # ς^{1/ρ} at t_min and at T
+        lam = -2.0 * rho * jnp.log(hi + u * (lo - hi))
+    ts = sde.t_of_log_snr(lam)
+    return ts.at[0].set(sde.T).at[-1].set(t_min)
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "max_steps", "method", "denoise"))
+def _flow(score_fn, sde, xs, y, w, args, ts, rtol, atol, max_steps, method="adaptive", denoise=False):
     def one(x, label):
         s = _score(score_fn, label, w, args)
-        x1, info = solve_ode(lambda t, z: ode_drift(s, sde, z, t), x, t0, t1, rtol=rtol, atol=atol,
-                             max_steps=max_steps)
-        return (tweedie_denoise(s, sde, x1, t1) if denoise else x1), info
+        field = lambda t, z: ode_drift(s, sde, z, t)
+        if method == "adaptive":
+            x1, info = solve_ode(field, x, ts[0], ts[-1], rtol=rtol, atol=atol, max_steps=max_steps)
+        elif method == "heun":
+            x1, info = _heun(field, x, ts)
+        else:
+            x1, info = _dpm_solver_pp(lambda z, t: tweedie_denoise(s, sde, z, t), sde, x, ts, method == "dpmpp_2m")
+        return (tweedie_denoise(s, sde, x1, ts[-1]) if denoise else x1), info
 
     return _each(one, xs, y)
 
 
-def _run_flow(where, score_fn, sde, x, t0, t1, *, rtol, atol, max_steps, denoise, y, guidance, args, info):
+def _fixed_steps(method: str, n_steps) -> int | None:
+    _validate.choice("method", method, FLOW_METHODS)
+    if method == "adaptive":
+        if n_steps is not None:
+            raise ValueError(f'n_steps is for the fixed-step methods; method="adaptive" chooses its own steps '
+                             f"(set rtol/atol), got n_steps={n_steps!r}")
+        return None
+    if n_steps is None:
+        raise ValueError(f"method={method!r} needs n_steps, the number of steps from T to t_min")
+    return _validate.positive_int("n_steps", n_steps)
+
+
+def _run_flow(where, score_fn, sde, x, t0, t1, *, rtol, atol, max_steps, denoise, y, guidance, args, info,
+              method="adaptive", n_steps=None):
     x, y, w, args = _prepare(score_fn, sde, "x_T" if where == "probability_flow" else "x0", x, y, guidance, args)
     max_steps = _ode_options(sde, min(t0, t1), rtol, atol, max_steps)
+    n_steps = _fixed_steps(method, n_steps)
     dt = x.dtype
-    out, stats = _flow(score_fn, sde, x, y, w, args, jnp.asarray(t0, dt), jnp.asarray(t1, dt),
-                       jnp.asarray(rtol, dt), jnp.asarray(atol, dt), max_steps, denoise)
+    if n_steps is None:
+        ts = jnp.asarray([t0, t1], dt)
+    else:
+        ts = time_grid(sde, n_steps, t1, spacing="karras" if method == "heun" else "log_snr").astype(dt)
+    out, stats = _flow(score_fn, sde, x, y, w, args, ts, jnp.asarray(rtol, dt), jnp.asarray(atol, dt), max_steps,
+                       method, denoise)
     if info:
         return out, stats
     check_solved(where, stats, max_steps, rtol, atol)
@@ -324,25 +422,39 @@ def _run_flow(where, score_fn, sde, x, t0, t1, *, rtol, atol, max_steps, denoise
 
 
 def probability_flow(
-    score_fn, sde: SDE, x_T: Array, *, t_min: float = SAMPLING_T_MIN, rtol: float = 1e-5, atol: float = 1e-5,
-    max_steps: int = 4096, denoise: bool = False, y=None, guidance=None, args: tuple = (), info: bool = False,
+    score_fn, sde: SDE, x_T: Array, *, method: str = "adaptive", n_steps: int | None = None,
+    t_min: float = SAMPLING_T_MIN, rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
+    denoise: bool = False, y=None, guidance=None, args: tuple = (), info: bool = False,
 ):
     """Samples of p_{t_min} from x_T ~ π: the probability-flow ODE dx/dt = f - g² s / 2 from T to t_min.
 
-    Deterministic: a bijection x_T <-> x_{t_min} that `encode` inverts, solved per example
-    with diffrax's adaptive Tsit5 (`solve_ode`). With `denoise`, Tweedie's step
-    (x + σ² s) / α at t_min follows (no longer invertible). A batch sharded over devices
-    stays sharded.
+    Deterministic: a bijection x_T <-> x_{t_min} that `encode` inverts. With `denoise`,
+    Tweedie's step (x + σ² s) / α at t_min follows (one more score evaluation; no longer
+    invertible). A batch sharded over devices stays sharded. The solvers (`method`):
+
+      "adaptive"  diffrax's Tsit5 with error control (`solve_ode`), per example: the
+                  reference, ~6 score evaluations a step, as many steps as rtol/atol need.
+      "heun"      Heun's method (2nd order, 2 evaluations a step) on Karras et al.'s grid
+                  (`time_grid(spacing="karras")`), through diffrax: EDM's sampler.
+      "ddim"      DDIM (η = 0, Song et al. 2021), the exact solver for a denoiser constant
+                  between steps: 1st order, 1 evaluation a step, on the log-SNR grid.
+      "dpmpp_2m"  DPM-Solver++(2M) (Lu et al. 2022): DDIM's step with a multistep 2nd-order
+                  denoiser, 1 evaluation a step, on the log-SNR grid.
+
+    The fixed-step methods need `n_steps` (their cost is n_steps or 2 n_steps evaluations);
+    their orders are checked on the closed-form flow of Gaussian data in the tests.
 
     Args:
       score_fn: s(x, t, *args) (or s(x, t, y, *args) with `y`), one example of any shape.
       sde: the forward SDE.
       x_T: (n, *shape) draws of the prior.
+      method: one of `FLOW_METHODS`, above.
+      n_steps: steps from T to t_min, for the fixed-step methods (None for "adaptive").
       t_min: the end time, in (0, 1).
-      rtol, atol: the step-size controller's relative and absolute tolerances.
-      max_steps: the most steps per example. An example whose solve fails (steps ran out,
-        or its state became non-finite) is NaN; called outside `jit` without `info`, the
-        call raises a RuntimeError with the remedy.
+      rtol, atol: the adaptive step-size controller's relative and absolute tolerances.
+      max_steps: the most adaptive steps per example. An example whose solve fails (steps ran
+        out, or its state became non-finite) is NaN, whatever the method; called outside
+        `jit` without `info`, the call raises a RuntimeError with the remedy.
       denoise: end with Tweedie's denoising step.
       y: (n,) integer class labels for a conditional s(x, t, y, *args).
       guidance: w, classifier-free guidance of the conditional score (data; needs `y`).
@@ -353,7 +465,8 @@ def probability_flow(
       (n, *shape) samples; with `info`, (samples, SolveInfo).
     """
     return _run_flow("probability_flow", score_fn, sde, x_T, sde.T, t_min, rtol=rtol, atol=atol,
-                     max_steps=max_steps, denoise=bool(denoise), y=y, guidance=guidance, args=args, info=info)
+                     max_steps=max_steps, denoise=bool(denoise), y=y, guidance=guidance, args=args, info=info,
+                     method=method, n_steps=n_steps)
 
 
 def encode(
@@ -363,7 +476,8 @@ def encode(
     """The latent x_T of data x0 (n, *shape): the probability-flow ODE forward, t_min to T.
 
     The inverse of `probability_flow` (without `denoise`), to the solver's tolerance: an
-    invertible encoding, as in a normalising flow. Arguments and returns as in `probability_flow`.
+    invertible encoding, as in a normalising flow. Adaptive steps; arguments and returns as
+    in `probability_flow`.
     """
     return _run_flow("encode", score_fn, sde, x0, t_min, sde.T, rtol=rtol, atol=atol, max_steps=max_steps,
                      denoise=False, y=y, guidance=guidance, args=args, info=info)
