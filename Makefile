@@ -41,11 +41,14 @@ test-latest:
 
 # Re-pin requirements.lock, with every file's sha256, from the newest releases that satisfy
 # pyproject.toml (pip-tools; the install above then refuses any file whose hash differs).
+# `make lock UPGRADE=` keeps the present pins and only adds what pyproject newly asks for.
+UPGRADE ?= --upgrade
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet "pip-tools==7.6.2"
-	.venv-lock/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe --no-strip-extras \
-		--no-emit-index-url --no-emit-find-links --extra dev --extra peers --output-file requirements.lock pyproject.toml
+	.venv-lock/bin/pip-compile --quiet $(UPGRADE) --generate-hashes --allow-unsafe --no-strip-extras \
+		--no-emit-index-url --no-emit-find-links --extra dev --extra peers --extra data \
+		--output-file requirements.lock pyproject.toml
 	rm -rf .venv-lock
 
 clean:
