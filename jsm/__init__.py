@@ -23,8 +23,10 @@ __all__ = [
     "ebm",
     "fit",
     "forward",
+    "hessian_diagonal",
     "hutchinson_divergence",
     "implicit",
+    "jacobian_diagonal",
     "laplacian",
     "likelihood",
     "metrics",
@@ -46,8 +48,8 @@ _SUBMODULES = {
     "checkpoint", "data", "diagnostics", "diffusion", "ebm", "forward", "implicit", "likelihood", "metrics", "nets",
     "objectives", "partition", "plot", "runs", "samplers", "scores", "sde", "targets", "train",
 }
-_FUNCTIONS = {"divergence": "scores", "hutchinson_divergence": "scores", "laplacian": "scores", "score_of": "scores",
-              "fit": "train"}
+_FUNCTIONS = {"divergence": "scores", "hessian_diagonal": "scores", "hutchinson_divergence": "scores",
+              "jacobian_diagonal": "scores", "laplacian": "scores", "score_of": "scores", "fit": "train"}
 
 
 def __getattr__(name: str):
@@ -67,5 +69,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
     from jsm import (checkpoint, data, diagnostics, diffusion, ebm, forward, implicit, likelihood, metrics, nets,
                      objectives, partition, plot, runs, samplers, scores, sde, targets, train)
-    from jsm.scores import divergence, hutchinson_divergence, laplacian, score_of
+    from jsm.scores import (divergence, hessian_diagonal, hutchinson_divergence, jacobian_diagonal, laplacian,
+                            score_of)
     from jsm.train import fit

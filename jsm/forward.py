@@ -69,8 +69,8 @@ from jax.extend import core as jcore
 from jsm import _jax_internals, _validate
 
 __all__ = [
-    "Jet", "RANK_TOLERANCE", "divergence_batch", "flattened", "folded", "forward_jet", "forward_jet_batch",
-    "laplacian_batch",
+    "DIAGONAL", "DiagonalJet", "Jet", "RANK_TOLERANCE", "divergence_batch", "flattened", "folded", "forward_jet",
+    "forward_jet_batch", "hessian_diagonal_batch", "jacobian_diagonal_batch", "laplacian_batch",
 ]
 
 Array = jax.Array
@@ -193,6 +193,68 @@ def laplacian_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = No
     return lap
 
 
+# `second_order=DIAGONAL`: each direction k keeps its own ∂²v/∂x_k² instead of their sum.
+DIAGONAL = "diagonal"
+
+
+class DiagonalJet(NamedTuple):
+    """A value with its Jacobian and its Hessian's diagonal, both with x's shape on their leading axes."""
+
+    value: Array  # (n, ...)
+    jacobian: Array  # (n, *shape, ...): ∂value/∂x_k
+    diagonal: Array  # (n, *shape, ...): ∂²value/∂x_k²
+
+
+def hessian_diagonal_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None
+                           ) -> Callable[[Array], DiagonalJet]:
+    """xs (n, *shape) -> DiagonalJet(fn(x_i), ∂fn/∂x_k, ∂²fn/∂x_k²) at every example, in one forward pass.
+
+    The jet of the Laplacian with the sum over k left out: every intermediate v carries, beside
+    its Jacobian J_k = ∂v/∂x_k, its d second derivatives D_k = ∂²v/∂x_k², pushed by
+
+        y = φ(v):  D_y,k = φ'(v) D_v,k + φ''(v) J_v,k²,    y = a·b:  D_y,k = a D_b,k + b D_a,k + 2 J_a,k J_b,k,
+
+    affine ops acting on D as on J (so D costs what J costs, past the first nonlinearity: about
+    twice the Laplacian's work on an MLP), and Δfn = Σ_k D_k. No first-layer seed: it mixes the
+    coordinates, whose own second derivatives are wanted. `chunk_size` as in `forward_jet_batch`.
+    """
+    _chunk_size(chunk_size)
+
+    def jets(xs: Array) -> DiagonalJet:
+        def block(out: Jet, rows: Array):
+            return out.value, None, jnp.stack([out.jacobian, out.laplacian], axis=2)  # (n, c, 2, ...)
+
+        shape = _validate.example_shape("xs", xs)
+        value, _, both = _by_blocks(flattened(fn, shape), _rows(xs), DIAGONAL, chunk_size, block)
+        jacobian, diagonal = both[:, :, 0], both[:, :, 1]
+        if len(shape) != 1:
+            jacobian, diagonal = (a.reshape(xs.shape + a.shape[2:]) for a in (jacobian, diagonal))
+        return DiagonalJet(value, jacobian, diagonal)
+
+    return jets
+
+
+def jacobian_diagonal_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None
+                            ) -> Callable[[Array], tuple[Array, Array]]:
+    """xs (n, *shape) -> (v(x_i) (n, *shape), ∂v_k/∂x_k (n, *shape)) for v = fn: shape -> shape, by a first-order jet.
+
+    The diagonal of the (d, d) Jacobian, entry k over all d = prod(shape) entries; its sum is
+    `divergence_batch`'s trace. With `chunk_size`, each block of c columns keeps its c diagonal
+    entries, so the Jacobian is never held whole.
+    """
+    _chunk_size(chunk_size)
+
+    def both(xs: Array) -> tuple[Array, Array]:
+        def block(out: Jet, rows: Array):
+            return out.value, None, jnp.einsum("ncd,cd->nc", out.jacobian, rows)
+
+        flat = flattened(fn, _validate.example_shape("xs", xs), vector="fn")
+        value, _, diagonal = _by_blocks(flat, _rows(xs), False, chunk_size, block)
+        return value.reshape(xs.shape), diagonal.reshape(xs.shape)
+
+    return both
+
+
 def divergence_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None) -> Callable[[Array], tuple[Array, Array]]:
     """xs (n, *shape) -> (v(x_i) (n, *shape), tr ∂v/∂x (x_i) (n,)) for v = fn: shape -> shape, by a first-order jet.
 
@@ -292,7 +354,8 @@ def _push_rows(closed, xs: Array, second_order: bool, chunk_size: int | None, bl
 
     def columns(rows: Array):
         if product is None:
-            seed = Jet(xs, _Seed(rows), jnp.zeros_like(xs) if second_order else None)
+            curvature = _Seed(jnp.zeros_like(rows)) if second_order == DIAGONAL else jnp.zeros_like(xs)
+            seed = Jet(xs, _Seed(rows), curvature if second_order else None)
             (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order)
         else:  # x's own Jacobian is never used: the jet is seeded at z = x W with `rows`
             seed = Jet(xs, None, None)
@@ -403,20 +466,23 @@ def folded(make: Callable[[Callable], Callable], fn: Callable[[Array], Array]) -
     return one
 
 
-def _output(out, n: int, c: int, second_order: bool) -> Jet:
+def _output(out, n: int, c: int, second_order) -> Jet:
     if isinstance(out, Jet) and out.jacobian is not None:
-        return Jet(out.value, _materialize(out, n, c), out.laplacian)
+        return Jet(out.value, _materialize(out, n, c), _shared(out.laplacian, n))
     # No derivative: fn depends on x only through stop_gradient or integers (a batched value),
     # or not at all (a constant, broadcast over the batch).
     value = out.value if isinstance(out, Jet) else jnp.broadcast_to(out, (n,) + jnp.shape(out))
-    zeros = jnp.zeros_like(value)
-    return Jet(value, jnp.zeros((n, c) + value.shape[1:], value.dtype), zeros if second_order else None)
+    zeros = jnp.zeros((n, c) + value.shape[1:], value.dtype)
+    return Jet(value, zeros, (zeros if second_order == DIAGONAL else zeros[:, 0]) if second_order else None)
 
 
 def _materialize(jet: Jet, n: int, c: int) -> Array:
-    if isinstance(jet.jacobian, _Seed):
-        return jnp.broadcast_to(jet.jacobian.rows, (n,) + jet.jacobian.rows.shape)
-    return jet.jacobian
+    return _shared(jet.jacobian, n)
+
+
+def _shared(a, n: int):
+    """A `_Seed` (rows shared by the batch) broadcast to the batch's n examples; anything else as it is."""
+    return jnp.broadcast_to(a.rows, (n,) + a.rows.shape) if isinstance(a, _Seed) else a
 
 
 def _interpret(jaxpr, consts, args, second_order: bool, seed_at: tuple | None = None) -> list:
@@ -472,7 +538,7 @@ def _push_batch(eqn, inputs: list, second_order: bool) -> list:
         return _affine_folded(eqn, inputs, varying, n, second_order)
     d = next((_width(inputs[i]) for i in varying), None)
     per_example = [
-        (Jet(a.value, _materialize(a, n, d), a.laplacian) if a.jacobian is not None else a.value)
+        (Jet(a.value, _materialize(a, n, d), _shared(a.laplacian, n)) if a.jacobian is not None else a.value)
         if isinstance(a, Jet) else a for a in inputs]
     one = lambda *ms: _push(eqn, _substitute(per_example, batched, ms), second_order)
     outs = jax.vmap(one)(*(per_example[i] for i in batched))
@@ -509,17 +575,25 @@ def _affine_folded(eqn, inputs, varying, n, second_order) -> list[Jet]:
     zeros = tuple(jnp.zeros(j.value.shape[1:], j.value.dtype) for j in jets)
     linear = lambda *ts: jax.jvp(op, zeros, ts)[1]
     values = jax.vmap(op)(*(j.value for j in jets))
-    if len(jets) == 1 and isinstance(jets[0].jacobian, _Seed):
-        # A Jacobian shared by the batch (x's own, or x's through affine ops): pushed once, not
-        # once per example; for x @ W + b it is W, still shared. The first non-affine op broadcasts it.
-        jacobians = [_Seed(c) for c in jax.vmap(linear)(jets[0].jacobian.rows)]
+    jacobians = _along_directions(linear, [j.jacobian for j in jets], n, _width(jets[0]), jets)
+    if second_order == DIAGONAL:  # one curvature per direction: pushed as the Jacobian is
+        laplacians = _along_directions(linear, [j.laplacian for j in jets], n, _width(jets[0]), jets)
+    elif second_order:
+        laplacians = jax.vmap(linear)(*(j.laplacian for j in jets))
     else:
-        d = _width(jets[0])
-        flat = [_materialize(j, n, d).reshape((n * d,) + j.value.shape[1:]) for j in jets]
-        jacobians = [c.reshape((n, d) + c.shape[1:]) for c in jax.vmap(linear)(*flat)]
-    laplacians = jax.vmap(linear)(*(j.laplacian for j in jets)) if second_order else (None,) * len(values)
+        laplacians = (None,) * len(values)
     return [Jet(v, jac, lap) if _is_float(v) else Jet(v, None, None)
             for v, jac, lap in zip(values, jacobians, laplacians)]
+
+
+def _along_directions(linear, stacks: list, n: int, d: int, jets) -> list:
+    """`linear` applied along every direction of the stacks (Jacobians, or per-direction curvatures):
+    once for a stack shared by the batch (a `_Seed`: for x @ W + b it is W, still shared; the
+    first non-affine op broadcasts it), else to the batch and its d directions folded into one axis."""
+    if len(stacks) == 1 and isinstance(stacks[0], _Seed):
+        return [_Seed(c) for c in jax.vmap(linear)(stacks[0].rows)]
+    flat = [_shared(a, n).reshape((n * d,) + j.value.shape[1:]) for a, j in zip(stacks, jets)]
+    return [c.reshape((n, d) + c.shape[1:]) for c in jax.vmap(linear)(*flat)]
 
 
 def _bind(eqn, values) -> tuple:
@@ -558,7 +632,10 @@ def _affine(op, primals, jets, second_order) -> list[Jet]:
     values = op(*primals)
     tangent = lambda *ts: jax.jvp(op, primals, ts)[1]
     jacobians = jax.vmap(tangent)(*(j.jacobian for j in jets))
-    laplacians = tangent(*(j.laplacian for j in jets)) if second_order else (None,) * len(values)
+    if second_order == DIAGONAL:
+        laplacians = jax.vmap(tangent)(*(j.laplacian for j in jets))
+    else:
+        laplacians = tangent(*(j.laplacian for j in jets)) if second_order else (None,) * len(values)
     return _jets(values, jacobians, laplacians)
 
 
@@ -570,14 +647,15 @@ def _elementwise_rule(op, v, jet, second_order) -> list[Jet]:
         y, d1 = first(v)
         return [Jet(y, d1 * jet.jacobian, None)]
     (y, d1), (_, d2) = jax.jvp(first, (v,), (ones,))
-    return [Jet(y, d1 * jet.jacobian, d1 * jet.laplacian + d2 * jnp.sum(jet.jacobian**2, axis=0))]
+    squares = jet.jacobian**2 if second_order == DIAGONAL else jnp.sum(jet.jacobian**2, axis=0)
+    return [Jet(y, d1 * jet.jacobian, d1 * jet.laplacian + d2 * squares)]
 
 
 def _product_rule(a: Jet, b: Jet, second_order) -> list[Jet]:
     jacobian = a.jacobian * b.value + a.value * b.jacobian
     if not second_order:
         return [Jet(a.value * b.value, jacobian, None)]
-    cross = jnp.sum(a.jacobian * b.jacobian, axis=0)
+    cross = a.jacobian * b.jacobian if second_order == DIAGONAL else jnp.sum(a.jacobian * b.jacobian, axis=0)
     return [Jet(a.value * b.value, jacobian, a.laplacian * b.value + a.value * b.laplacian + 2 * cross)]
 
 
@@ -590,6 +668,10 @@ def _generic(op, primals, jets, second_order) -> list[Jet]:
         return _jets(values, jacobians, (None,) * len(values))
     curvature = lambda *ts: jax.jvp(lambda *p: jax.jvp(op, p, ts)[1], primals, ts)[1]
     along_columns = jax.vmap(curvature)(*(j.jacobian for j in jets))
+    if second_order == DIAGONAL:
+        through = jax.vmap(tangent)(*(j.laplacian for j in jets))
+        laplacians = [lap + c if _is_float(v) else None for v, lap, c in zip(values, through, along_columns)]
+        return _jets(values, jacobians, laplacians)
     through = tangent(*(j.laplacian for j in jets))
     laplacians = [lap + jnp.sum(c, axis=0) if _is_float(v) else None
                   for v, lap, c in zip(values, through, along_columns)]

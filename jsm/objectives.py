@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from jsm import _validate
-from jsm.scores import batch_score_and_divergence_of_energy, batch_value_and_divergence
+from jsm.scores import (batch_gradient_and_hessian_diagonal, batch_score_and_divergence_of_energy,
+                        batch_value_and_divergence, batch_value_and_jacobian_diagonal)
 from jsm.sde import SDE, check_sde, check_t_min
 
 __all__ = [
@@ -103,15 +104,48 @@ def esm(score_fn: ScoreFn, true_score_fn: ScoreFn, xs: Array) -> Array:
 # --- implicit score matching: an exact trace instead of the true score ---------
 
 
-def ism_per_example(score_fn: ScoreFn, x: Array, method: str = "auto", *, chunk_size: int | None = None) -> Array:
-    """1/2 |s(x)|² + tr(∂s/∂x) for one x of any shape, the trace exact (over all its entries; see `ism`)."""
+def _penalised(hessian_penalty) -> bool:
+    """Whether the curvature penalty is on: a traced λ always is; a concrete λ must be >= 0, and 0 is off."""
+    if not _validate.is_concrete(hessian_penalty):
+        return True
+    lam = float(hessian_penalty)
+    if not lam >= 0.0:
+        raise ValueError(f"hessian_penalty must be a number >= 0 (λ of the curvature penalty), got {hessian_penalty!r}")
+    return lam > 0.0
+
+
+def _ism_terms(score_fn, xs, method, chunk_size, hessian_penalty) -> Array:
+    """(n,) 1/2 |s|² + tr ∂s/∂x [+ λ Σ_k (∂s_k/∂x_k)²] for a score network, from one jet."""
+    score_fn = _validate.same_shape("score_fn", score_fn)
+    if not _penalised(hessian_penalty):
+        s, div = batch_value_and_divergence(score_fn, method, chunk_size=chunk_size)(xs)
+        return 0.5 * _sq_norms(s) + div
+    s, diagonal = batch_value_and_jacobian_diagonal(score_fn, method, chunk_size=chunk_size)(xs)
+    return 0.5 * _sq_norms(s) + _per_example_sum(diagonal) + hessian_penalty * _sq_norms(diagonal)
+
+
+def _ism_energy_terms(energy_fn, xs, method, chunk_size, hessian_penalty) -> Array:
+    """(n,) 1/2 |∇f|² - Δf [+ λ Σ_k (∂²f/∂x_k²)²] for an energy, from one jet."""
+    if not _penalised(hessian_penalty):
+        s, div = batch_score_and_divergence_of_energy(energy_fn, method, chunk_size=chunk_size)(xs)
+        return 0.5 * _sq_norms(s) + div
+    grad, diagonal = batch_gradient_and_hessian_diagonal(energy_fn, method, chunk_size=chunk_size)(xs)
+    return 0.5 * _sq_norms(grad) - _per_example_sum(diagonal) + hessian_penalty * _sq_norms(diagonal)
+
+
+def ism_per_example(score_fn: ScoreFn, x: Array, method: str = "auto", *, chunk_size: int | None = None,
+                    hessian_penalty: float = 0.0) -> Array:
+    """1/2 |s(x)|² + tr(∂s/∂x) [+ λ Σ_k (∂s_k/∂x_k)²] for one x of any shape, exact (see `ism`)."""
     _validate.example("x", x)
+    if _penalised(hessian_penalty):
+        return _ism_terms(score_fn, x[None], method, chunk_size, hessian_penalty)[0]
     score_fn = _validate.same_shape("score_fn", score_fn)
     s, div = batch_value_and_divergence(score_fn, method, chunk_size=chunk_size)(x[None])
     return 0.5 * _dot(s[0], s[0]) + div[0]
 
 
-def ism(score_fn: ScoreFn, xs: Array, method: str = "auto", *, chunk_size: int | None = None) -> Array:
+def ism(score_fn: ScoreFn, xs: Array, method: str = "auto", *, chunk_size: int | None = None,
+        hessian_penalty: float = 0.0) -> Array:
     """Implicit score matching (Hyvärinen 2005) of a score network: E_p [1/2 |s(x)|² + tr(∂s/∂x)].
 
     The trace is exact (`method` in `jsm.scores.METHODS`), never estimated; "auto" takes
@@ -119,7 +153,16 @@ def ism(score_fn: ScoreFn, xs: Array, method: str = "auto", *, chunk_size: int |
     an energy model q ∝ exp(-f) call `ism_energy(f, xs)` instead: the same loss, several
     times cheaper (passing `score_of(f)` here differentiates -∇f's graph). On a finite data
     set a flexible s can drive this to -∞ by spiking the divergence at the data points:
-    regularise, or prefer `dsm`.
+    penalise the curvature (`hessian_penalty`), or prefer `dsm`.
+
+    Regularised score matching (Kingma & LeCun 2010, "Regularized estimation of image statistics
+    by score matching"): with λ = `hessian_penalty` > 0 the loss is
+
+        E_p [1/2 |s(x)|² + tr(∂s/∂x) + λ Σ_k (∂s_k/∂x_k)²],
+
+    the squared diagonal of ∂s/∂x (for s = -∇f, of the Hessian of f), which they approximated
+    and which is exact here, from the same jet as the trace (`jsm.jacobian_diagonal`). λ = 0 is
+    the plain loss, computed as before, bit for bit.
 
     Examples may have any shape: |s|² and tr ∂s/∂x = Σ_k ∂s_k/∂x_k run over all d = prod(shape)
     entries.
@@ -131,22 +174,24 @@ def ism(score_fn: ScoreFn, xs: Array, method: str = "auto", *, chunk_size: int |
       chunk_size: "forward" / "auto" only: push the d Jacobian columns through in blocks of this
         many, memory n·chunk_size·width per layer instead of n·d·width (as in `jsm.divergence`);
         None: all at once.
+      hessian_penalty: λ >= 0, the weight of the curvature penalty (data: may be traced).
     """
     xs = _validate.examples("xs", xs)
-    score_fn = _validate.same_shape("score_fn", score_fn)
-    s, div = batch_value_and_divergence(score_fn, method, chunk_size=chunk_size)(xs)
-    return jnp.mean(0.5 * _sq_norms(s) + div)
+    return jnp.mean(_ism_terms(score_fn, xs, method, chunk_size, hessian_penalty))
 
 
 def ism_energy_per_example(energy_fn: EnergyFn, x: Array, method: str = "auto", *,
-                           chunk_size: int | None = None) -> Array:
-    """1/2 |∇f(x)|² - Δf(x) for one x of any shape: ISM's term for s = -∇f, the Laplacian exact."""
+                           chunk_size: int | None = None, hessian_penalty: float = 0.0) -> Array:
+    """1/2 |∇f(x)|² - Δf(x) [+ λ Σ_k (∂²f/∂x_k²)²] for one x of any shape: ISM's term for s = -∇f, exact."""
     _validate.example("x", x)
+    if _penalised(hessian_penalty):
+        return _ism_energy_terms(energy_fn, x[None], method, chunk_size, hessian_penalty)[0]
     s, div = batch_score_and_divergence_of_energy(energy_fn, method, chunk_size=chunk_size)(x[None])
     return 0.5 * _dot(s[0], s[0]) + div[0]
 
 
-def ism_energy(energy_fn: EnergyFn, xs: Array, method: str = "auto", *, chunk_size: int | None = None) -> Array:
+def ism_energy(energy_fn: EnergyFn, xs: Array, method: str = "auto", *, chunk_size: int | None = None,
+               hessian_penalty: float = 0.0) -> Array:
     """Implicit score matching of an energy model q ∝ exp(-f): E_p [1/2 |∇f(x)|² - Δf(x)].
 
     J_ISM for the score s = -∇f, whose divergence is tr ∂s/∂x = -Δf. With "auto" ONE
@@ -156,15 +201,24 @@ def ism_energy(energy_fn: EnergyFn, xs: Array, method: str = "auto", *, chunk_si
     rows "forward", "jacfwd", "score_of"). "jacfwd" and "jacrev" are the references.
     Examples may have any shape: Δf = Σ_k ∂²f/∂x_k² over all d = prod(shape) entries.
 
+    With λ = `hessian_penalty` > 0, Kingma & LeCun (2010)'s regularised score matching:
+
+        E_p [1/2 |∇f(x)|² - Δf(x) + λ Σ_k (∂²f/∂x_k²)²],
+
+    the exact Hessian diagonal (`jsm.hessian_diagonal`) from ONE jet that also gives ∇f and
+    Δf = Σ_k ∂²f/∂x_k² (about twice the plain step's cost). It keeps ISM's second term from
+    running to -∞ on finite data by spiking the curvature at the training points
+    (experiments/ism_overfitting.py). λ = 0 is the plain loss, bit for bit.
+
     Args:
       energy_fn: f, shape -> (), for one example of shape `shape` ((d,), (h, w, c), ...).
       xs: (n, *shape) samples of p.
       method: how the exact Laplacian is computed (`jsm.scores.METHODS`).
       chunk_size: "forward" / "auto" only: Jacobian columns per block, as in `ism`; None: all.
+      hessian_penalty: λ >= 0, the weight of the curvature penalty (data: may be traced).
     """
     xs = _validate.examples("xs", xs)
-    s, div = batch_score_and_divergence_of_energy(energy_fn, method, chunk_size=chunk_size)(xs)
-    return jnp.mean(0.5 * _sq_norms(s) + div)
+    return jnp.mean(_ism_energy_terms(energy_fn, xs, method, chunk_size, hessian_penalty))
 
 
 # --- denoising score matching: learn the score of p_σ = p * N(0, σ² I) ---------

@@ -45,11 +45,14 @@ import jax
 import jax.numpy as jnp
 
 from jsm import _validate
-from jsm.forward import divergence_batch, flattened, folded, forward_jet_batch, laplacian_batch
+from jsm.forward import (divergence_batch, flattened, folded, forward_jet_batch, hessian_diagonal_batch,
+                         jacobian_diagonal_batch, laplacian_batch)
 
 __all__ = [
-    "EXACT_METHODS", "METHODS", "PROBES", "batch_score_and_divergence_of_energy", "batch_value_and_divergence",
-    "divergence", "hutchinson_divergence", "laplacian", "resolve_method", "score_of", "value_and_hutchinson",
+    "EXACT_METHODS", "METHODS", "PROBES", "batch_gradient_and_hessian_diagonal", "batch_score_and_divergence_of_energy",
+    "batch_value_and_divergence", "batch_value_and_jacobian_diagonal",
+    "divergence", "hessian_diagonal", "hutchinson_divergence", "jacobian_diagonal", "laplacian", "resolve_method",
+    "score_of", "value_and_hutchinson",
 ]
 
 Array = jax.Array
@@ -140,6 +143,49 @@ def batch_score_and_divergence_of_energy(
     return both
 
 
+def batch_gradient_and_hessian_diagonal(
+    energy_fn: EnergyFn, method: str = "auto", *, chunk_size: int | None = None
+) -> Callable[[Array], tuple[Array, Array]]:
+    """xs (n, *shape) -> (∇f(x_i) (n, *shape), ∂²f/∂x_k² at every x_i (n, *shape)), both exact.
+
+    "forward": ONE forward jet carrying each direction's second derivative
+    (`jsm.forward.hessian_diagonal_batch`), the batch folded into its matrix products; the
+    Laplacian is the diagonal's sum. "jacfwd" / "jacrev": the full Hessian per example.
+    """
+    exact = resolve_method(method)
+    _chunk_for(exact, chunk_size)
+    energy_fn = _validate.scalar_valued("energy", energy_fn)
+    forward = hessian_diagonal_batch(energy_fn, chunk_size=chunk_size) if exact == "forward" else None
+
+    def both(xs: Array) -> tuple[Array, Array]:
+        _validate.example_shape("xs", xs)
+        if forward is not None:
+            out = forward(xs)
+            return out.jacobian, out.diagonal
+        return jax.vmap(jax.grad(energy_fn))(xs), jax.vmap(_diagonal_reference(energy_fn, exact, second=True))(xs)
+
+    return both
+
+
+def batch_value_and_jacobian_diagonal(
+    vector_fn: VectorFn, method: str = "auto", *, chunk_size: int | None = None
+) -> Callable[[Array], tuple[Array, Array]]:
+    """xs (n, *shape) -> (v(x_i) (n, *shape), ∂v_k/∂x_k at every x_i (n, *shape)), exact: one first-order
+    jet with "forward" (the cost of `batch_value_and_divergence`), the full Jacobian otherwise."""
+    exact = resolve_method(method)
+    _chunk_for(exact, chunk_size)
+    vector_fn = _validate.same_shape("vector_fn", vector_fn)
+    forward = jacobian_diagonal_batch(vector_fn, chunk_size=chunk_size) if exact == "forward" else None
+
+    def both(xs: Array) -> tuple[Array, Array]:
+        _validate.example_shape("xs", xs)
+        if forward is not None:
+            return forward(xs)
+        return jax.vmap(vector_fn)(xs), jax.vmap(_diagonal_reference(vector_fn, exact, second=False))(xs)
+
+    return both
+
+
 def _jacobian_trace(vector_fn: VectorFn, method: str) -> Callable[[Array], Array]:
     """The reference: the full d x d Jacobian of ONE example (flattened) by jacfwd or jacrev, then its trace."""
     jacobian = jax.jacfwd if method == "jacfwd" else jax.jacrev
@@ -208,6 +254,71 @@ def laplacian(energy: EnergyFn, method: str = "auto", *, chunk_size: int | None 
         return one(x)
 
     return lap
+
+
+def _diagonal_reference(fn, method: str, second: bool) -> Callable[[Array], Array]:
+    """The reference: the diagonal of the full (d, d) Hessian (of fn) or Jacobian by jacfwd or jacrev."""
+    jacobian = jax.jacfwd if method == "jacfwd" else jax.jacrev
+
+    def diagonal(x: Array) -> Array:
+        flat = flattened(fn, x.shape, vector=None if second else "vector_fn")
+        return jnp.diagonal(jacobian(jax.grad(flat) if second else flat)(x.reshape(-1))).reshape(x.shape)
+
+    return diagonal
+
+
+def hessian_diagonal(energy: EnergyFn, method: str = "auto", *, chunk_size: int | None = None
+                     ) -> Callable[[Array], Array]:
+    """x -> ∂²f/∂x_i² for every entry i of x (x's shape), exactly: the diagonal of the Hessian ∇²f.
+
+    Its sum is the Laplacian. "forward" pushes, beside each of the d Jacobian columns, that
+    direction's own second derivative through f (`jsm.forward.hessian_diagonal_batch`), at about
+    twice the Laplacian's cost; Kingma & LeCun (2010) approximated this diagonal (curvature
+    backpropagation) because it was too costly to compute exactly. The first-layer seed of
+    `laplacian` does not apply: it mixes the coordinates. `jax.vmap` of it folds the batch.
+    For s = -∇f, ∂s_i/∂x_i = -∂²f/∂x_i² (`jacobian_diagonal` of a score network).
+
+    Args:
+      energy: f, a map shape -> () for ONE example ((d,), (h, w, c), ...).
+      method: one of `EXACT_METHODS` or "auto" (= "forward"); "jacfwd"/"jacrev" build the full Hessian.
+      chunk_size: "forward" only: Jacobian columns per block (memory bound at large d); None: all.
+    """
+    exact = resolve_method(method)
+    _chunk_for(exact, chunk_size)
+    energy = _validate.scalar_valued("energy", energy)
+    if exact == "forward":
+        one = folded(lambda f: (lambda xs: hessian_diagonal_batch(f, chunk_size=chunk_size)(xs).diagonal), energy)
+    else:
+        one = _diagonal_reference(energy, exact, second=True)
+
+    def diagonal(x: Array) -> Array:
+        _validate.example("x", x)
+        return one(x)
+
+    return diagonal
+
+
+def jacobian_diagonal(vector_fn: VectorFn, method: str = "auto", *, chunk_size: int | None = None
+                      ) -> Callable[[Array], Array]:
+    """x -> ∂v_i/∂x_i for every entry i of x (x's shape), exactly: the diagonal of ∂v/∂x, whose sum is the divergence.
+
+    For a score network s, the quantity `jsm.objectives.ism(..., hessian_penalty=)` penalises.
+    "forward": one first-order jet (`jsm.forward.jacobian_diagonal_batch`), the cost of the
+    divergence. Arguments as in `divergence`.
+    """
+    exact = resolve_method(method)
+    _chunk_for(exact, chunk_size)
+    vector_fn = _validate.same_shape("vector_fn", vector_fn)
+    if exact == "forward":
+        one = folded(lambda v: (lambda xs: jacobian_diagonal_batch(v, chunk_size=chunk_size)(xs)[1]), vector_fn)
+    else:
+        one = _diagonal_reference(vector_fn, exact, second=False)
+
+    def diagonal(x: Array) -> Array:
+        _validate.example("x", x)
+        return one(x)
+
+    return diagonal
 
 
 def hutchinson_divergence(
