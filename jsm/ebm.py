@@ -56,8 +56,12 @@ def ebm_surrogate(energy_fn: EnergyFn, data: Array, samples: Array, energy_penal
 
 
 def langevin_samples(energy_fn: EnergyFn, key: Array, x0: Array, n_steps: int, step_size: float) -> Array:
-    """x0 (n, d) moved by `n_steps` ULA steps on q ∝ exp(-f), stopped from the gradient."""
-    score = score_of(lambda x: jax.lax.stop_gradient(energy_fn(x)))
+    """x0 (n, d) moved by `n_steps` ULA steps on q ∝ exp(-f), stopped from the gradient.
+
+    The chains follow s = -∇_x f; only their result is cut from the parameter gradient (a
+    stop_gradient on f's VALUE, as this once had, zeroes ∇_x f too and leaves a random walk).
+    """
+    score = score_of(energy_fn)
     final, _, _ = samplers.run_chains(samplers.ula(score, step_size), key, jax.lax.stop_gradient(x0), n_steps)
     return jax.lax.stop_gradient(final.position)
 
