@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -49,7 +50,7 @@ from jsm import _compat, _jax_internals, _validate
 __all__ = [
     "CHAINS", "AnnealedState", "Info", "Kernel", "LangevinState", "MALAState", "annealed_langevin",
     "from_blackjax", "langevin_move", "mala", "run_chains", "shard_chains", "snr_langevin_move", "tune_step_size",
-    "ula", "ChainInfo",
+    "ula", "ChainInfo", "SANE_STEP_MAX", "SANE_STEP_RATIO",
 ]
 
 Array = jax.Array
@@ -549,6 +550,37 @@ def _check_kernel(kernel) -> Kernel:
     return kernel
 
 
+def _check_output(kernel: Kernel, x0: Array, args: tuple) -> None:
+    """The user's function, traced once on one chain's position, returns what its kernel needs:
+    a score of x's shape (ula, annealed_langevin), a scalar log-density (mala). Before compiling."""
+    one = jax.ShapeDtypeStruct(x0.shape[1:], x0.dtype)
+    if kernel.step_fn is _ula_step:
+        name, want, out = "ula's score_fn", one.shape, jax.eval_shape(kernel.fn, one, *args)
+    elif kernel.step_fn is _annealed_step:
+        sigma = jax.ShapeDtypeStruct((), x0.dtype)
+        name, want, out = "annealed_langevin's score_fn", one.shape, jax.eval_shape(kernel.fn, one, sigma, *args)
+    elif kernel.step_fn is _mala_step:
+        name, want, out = "mala's log_prob_fn", (), jax.eval_shape(kernel.fn, one, *args)
+    else:
+        return
+    got = getattr(out, "shape", None)
+    if got != want:
+        hint = {(): " (a log-density is a scalar; a score belongs to ula or annealed_langevin)"}.get(
+            want, "" if got != () else " (a scalar: a log-density? ula and annealed_langevin take the score "
+            "∇log p, e.g. jax.grad(log_prob_fn), and mala the log-density)")
+        raise ValueError(f"{name} must map one chain's position of shape {one.shape} (and *args) to shape {want}, "
+                         f"got {got if got is not None else type(out).__name__}{hint}")
+
+
+def _warn_nonfinite_chains(info: ChainInfo) -> None:
+    if _validate.is_concrete(info.n_nonfinite):
+        bad = int(np.sum(np.asarray(info.n_nonfinite) > 0))
+        if bad:
+            warnings.warn(f"run_chains: {bad} of {info.n_nonfinite.shape[0]} chains had non-finite proposals "
+                          "(ChainInfo.n_nonfinite counts their steps); unadjusted kernels keep them: lower the step "
+                          "size, or look at the score where those chains went", RuntimeWarning, stacklevel=3)
+
+
 def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | None = None, *, args: tuple = ()):
     """Run `n_chains` independent chains of `kernel` for `n_steps` steps.
 
@@ -602,9 +634,12 @@ def run_chains(kernel: Kernel, key: Array, x0: Array, n_steps: int, thin: int | 
         thin = _validate.positive_int("thin", thin)
         if n_steps % thin:
             raise ValueError(f"n_steps must be a multiple of thin={thin}, got n_steps={n_steps}")
+    _check_output(kernel, x0, args)
     x0 = shard_chains(x0)
     kernel, args = _replicate_like((kernel, args), x0)
-    return _pick(_run, _run_plain)(kernel, key, x0, args, n_steps, thin)
+    out = _pick(_run, _run_plain)(kernel, key, x0, args, n_steps, thin)
+    _warn_nonfinite_chains(out[2])
+    return out
 
 
 # --- step-size tuning ------------------------------------------------------------
@@ -661,21 +696,39 @@ def tune_step_size(
         raise ValueError(f"target_acceptance must be in (0, 1), got {target_acceptance!r}")
     if initial_step_size is None:
         initial_step_size = kernel.params["step_size"]
+    _check_output(kernel, x0, args)
     x0 = shard_chains(x0)
     kernel, args = _replicate_like((kernel, args), x0)
     log_a_bar, state, n_bad = _pick(_dual_averaging, _dual_averaging_plain)(
         kernel, key, x0, args, n_steps, _float(target_acceptance), _float(initial_step_size))
     n_bad = int(n_bad)
     if n_bad:
-        import warnings
-
         warnings.warn(f"tune_step_size: {n_bad} proposals had a non-finite log-density or gradient and were "
                       "rejected; check log_prob_fn where the chains went", RuntimeWarning, stacklevel=2)
     step = jnp.exp(log_a_bar)
     if not bool(jnp.isfinite(step)):
         raise FloatingPointError(f"tune_step_size: the tuned step size is {float(step)}; the acceptance "
                                  "probabilities were not finite")
+    _warn_implausible_step(float(step), _float(initial_step_size), x0)
     return step, state
+
+
+# A tuned step outside [a_0 / SANE_STEP_RATIO, a_0 SANE_STEP_RATIO] or above SANE_STEP_MAX x0's spread² is
+# reported: dual averaging then usually ran too few steps, or the acceptance barely depends on a (a
+# flat or non-finite log-density), and the chains did not mix at that step.
+SANE_STEP_RATIO = 1e4
+SANE_STEP_MAX = 1e2
+
+
+def _warn_implausible_step(step: float, initial, x0: Array) -> None:
+    spread = float(jnp.mean(jnp.var(x0.reshape(x0.shape[0], -1), axis=0))) if x0.shape[0] > 1 else 0.0
+    scale = max(spread, 1.0)
+    a0 = float(initial)
+    if step > SANE_STEP_MAX * scale or not a0 / SANE_STEP_RATIO <= step <= a0 * SANE_STEP_RATIO:
+        warnings.warn(f"tune_step_size ended at step_size={step:.4g} (started at {a0:.4g}; the chains' variance per "
+                      f"entry is {spread:.3g}): an implausible step. Tune longer (n_steps), check that log_prob_fn "
+                      "is a log-density (not flat, finite), or set the step size by hand", RuntimeWarning,
+                      stacklevel=3)
 
 
 def _dual_averaging_impl(kernel: Kernel, key, x0, args: tuple, n_steps: int, delta, a0):

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -129,7 +131,7 @@ def _ema_decay(ema_decay) -> float | None:
 def ema_warmup(decay: float, step: Array) -> Array:
     """β_t = min(β, (1 + t) / (10 + t)) at update t = 0, 1, ...: the average forgets the initial
     parameters within the first few hundred steps of a short run, and is β's from t ≈ 10 / (1 - β)."""
-    t = jnp.asarray(step, jnp.float32)
+    t = jnp.asarray(step, jnp.result_type(float))  # float64 under JAX_ENABLE_X64
     return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
@@ -464,6 +466,80 @@ def _check_options(data, batch_size: int, loop: str, callbacks, ema_decay, objec
     return callbacks, ema_decay
 
 
+def _check_data(data) -> Array:
+    """ONE array of every training example, finite: fit draws the batches itself."""
+    if isinstance(data, (list, tuple)):
+        raise TypeError(f"data must be ONE array (n, *shape) holding every training example (fit draws the batches "
+                        f"itself), got a {type(data).__name__} of {len(data)} items: concatenate them along axis 0")
+    return _validate.examples("data", data)
+
+
+def _describe(out) -> str:
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} ({', '.join(map(_describe, out))})"
+    if isinstance(out, dict):
+        return "a dict"
+    return f"an array of shape {tuple(out.shape)}" if hasattr(out, "shape") else type(out).__name__
+
+
+def _check_loss(loss_fn, params, key, batch, objective_state, has_aux: bool) -> None:
+    """The loss traced once on one batch, before anything compiles: its signature and what it returns."""
+    stateful = objective_state is not None
+    call = (params, key, batch, objective_state) if stateful else (params, key, batch)
+    want = ("loss(params, key, batch, state) -> (loss, aux, state)" if stateful else
+            "loss(params, key, batch) -> (loss, aux)" if has_aux else "loss(params, key, batch) -> loss")
+    try:
+        inspect.signature(loss_fn).bind(*call)
+    except TypeError as e:
+        raise TypeError(f"loss_fn must be {want}; it cannot take {len(call)} arguments ({e})") from None
+    except ValueError:  # no signature to read (a C function): the trace below tells
+        pass
+    out = jax.eval_shape(loss_fn, *call)
+    scalar = lambda o: getattr(o, "shape", None) == ()
+    pair = isinstance(out, (tuple, list)) and len(out) == (3 if stateful else 2)
+    if (stateful or has_aux) and pair and scalar(out[0]) and isinstance(out[1], dict) or not (
+            stateful or has_aux) and scalar(out):
+        return
+    hint = ""
+    if not stateful and not has_aux and isinstance(out, (tuple, list)) and len(out) == 2:
+        hint = "; a loss returning (loss, aux) needs has_aux=True"
+    elif has_aux and scalar(out):
+        hint = "; has_aux=True expects (loss, aux): drop has_aux for a plain loss"
+    elif (pair and not scalar(out[0])) or (not isinstance(out, (tuple, list)) and not scalar(out)):
+        hint = "; the loss must be a scalar (the batch mean)"
+    elif pair:
+        hint = "; aux must be a dict of scalars (logged with the loss)"
+    raise TypeError(f"loss_fn must be {want}, got {_describe(out)}{hint}")
+
+
+# What a workdir's run is bound to: resuming it with other values would silently change the run.
+SETTINGS_FILE = "fit.json"
+
+
+def _settings(data: Array, batch_size: int, ema_decay, mesh) -> dict:
+    mesh_info = None if mesh is None else {"axes": list(mesh.axis_names), "shape": list(mesh.devices.shape)}
+    return {"batch_size": batch_size, "data_shape": list(data.shape), "data_dtype": str(data.dtype),
+            "ema_decay": ema_decay, "mesh": mesh_info}
+
+
+def _check_settings(workdir: Path, settings: dict, allow_changes, lead: bool) -> None:
+    """Refuse to resume a workdir under other settings (naming them) unless allowed; record them."""
+    path = workdir / SETTINGS_FILE
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in settings if before.get(k, settings[k]) != settings[k])
+        allowed = set(settings) if allow_changes is True else set(allow_changes or ())
+        refused = [k for k in changed if k not in allowed]
+        if refused:
+            what = "; ".join(f"{k}: {before.get(k)!r} then, {settings[k]!r} now" for k in refused)
+            raise ValueError(f"fit: {workdir} holds a run started with other settings ({what}). Resuming would change "
+                             f"the run silently: use a new workdir, or pass allow_changes={tuple(refused)!r} (or True) "
+                             "to resume under the new ones")
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
+
+
 def _resume(run: _Run, workdir: Path, keep: int) -> None:
     """Restore the newest checkpoint of `workdir` that reads, set damaged ones aside (with a warning
     each), keep the metrics logged up to it and open the checkpoint manager."""
@@ -485,6 +561,8 @@ def _resume(run: _Run, workdir: Path, keep: int) -> None:
                           f"and resuming from step {int(restored.step)}", RuntimeWarning, stacklevel=3)
     if restored is not None:
         run.state = restored
+        if run.lead:
+            print(f"fit: resuming {workdir} from step {run.step}", file=sys.stderr)
     run.metrics_path = workdir / "metrics.jsonl"
     run.history = _read_rows(run.metrics_path, run.step, rewrite=run.lead)
     run.mgr = checkpoint.manager(directory, keep)
@@ -585,6 +663,7 @@ def fit(
     mesh: Mesh | None = None,
     rollbacks: int = 0,
     loop: str = "auto",
+    allow_changes: bool | Sequence[str] = False,
 ) -> FitResult:
     """Minimise E_batch[loss(params, key, batch)] with `optimizer` for `steps` steps.
 
@@ -632,6 +711,11 @@ def fit(
         "scan" otherwise. Both run the same step with the same keys and batches; they may differ
         in the last bits of float rounding (two compilations), so resume a run with the loop it
         started with for bitwise-identical results (the default does).
+      allow_changes: a workdir records the run's batch_size, data shape and dtype, ema_decay and
+        mesh (`<workdir>/fit.json`), and resuming it with other values raises a ValueError naming
+        them; True, or the names of the fields, allows the change. Parameter shapes are checked
+        against the checkpoint (`CheckpointMismatchError`). What fit cannot see is not checked:
+        a learning rate or schedule inside the optax optimizer, the loss's own constants.
 
     Returns:
       FitResult with the final params, optimizer state, objective state, moving average,
@@ -646,7 +730,7 @@ def fit(
     warning naming it and the reason, moved to `checkpoints.damaged/` (never deleted),
     and the run resumes from the newest one that restores (see `jsm.checkpoint`).
     """
-    data = _validate.examples("data", data)
+    data = _check_data(data)
     _validate.key("key", key)
     steps = _validate.positive_int("steps", steps, minimum=0)
     batch_size = _validate.positive_int("batch_size", batch_size)
@@ -655,6 +739,8 @@ def fit(
     log_every = _validate.positive_int("log_every", log_every)
     rollbacks = _validate.positive_int("rollbacks", rollbacks, minimum=0)
     callbacks, ema_decay = _check_options(data, batch_size, loop, callbacks, ema_decay, objective_state, has_aux)
+    _check_loss(loss_fn, params, key, jax.ShapeDtypeStruct((batch_size,) + data.shape[1:], data.dtype),
+                objective_state, has_aux)
     placement, batch_sharding = _placement(mesh, batch_size)
     spec = _Chunk(loss_fn, optimizer, batch_size, min(log_every, checkpoint_every), objective_state is not None,
                   has_aux, ema_decay, batch_sharding)
@@ -665,6 +751,7 @@ def fit(
                lead=jax.process_index() == 0)
     data = place(data)  # every device can gather any batch; the batch itself is then split
     if workdir is not None:
+        _check_settings(Path(workdir), _settings(data, batch_size, ema_decay, mesh), allow_changes, run.lead)
         _resume(run, Path(workdir), keep)
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
     chunk = _make_chunk(spec, _resolve_loop(loop, spec, run.state, data[:batch_size], devices))
