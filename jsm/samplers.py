@@ -559,6 +559,10 @@ def _check_output(kernel: Kernel, x0: Array, args: tuple) -> None:
     elif kernel.step_fn is _annealed_step:
         sigma = jax.ShapeDtypeStruct((), x0.dtype)
         name, want, out = "annealed_langevin's score_fn", one.shape, jax.eval_shape(kernel.fn, one, sigma, *args)
+    elif kernel.step_fn is _mala_step and kernel.options:  # the closed-form pair stands in for log_prob_fn
+        name, want, out = "mala's value_and_grad", (), jax.eval_shape(_mala_value_and_grad(kernel), one, *args)
+        if isinstance(out, tuple) and len(out) == 2 and getattr(out[1], "shape", None) == one.shape:
+            out = out[0]
     elif kernel.step_fn is _mala_step:
         name, want, out = "mala's log_prob_fn", (), jax.eval_shape(kernel.fn, one, *args)
     else:

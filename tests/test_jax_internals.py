@@ -184,5 +184,3 @@ def test_no_other_module_touches_private_jax_names():
         if path.name != "_jax_internals.py":
             text = path.read_text()
             assert not [p for p in private if p in text], path.name
-    with pytest.warns(DeprecationWarning, match="moved to jsm._jax_internals.CPU_LOOP_OPTIONS"):
-        assert samplers._LOOP_OPTIONS is JI.CPU_LOOP_OPTIONS
