@@ -228,10 +228,12 @@ def test_benchmarks_run_at_a_tiny_size(tmp_path):
     import trace_cost
 
     rows = trace_cost.main(["--dims", "2", "--score-net-dims", "2", "--inference-dims", "2", "--memory-dims", "8",
-                            "--reps", "1", "--out", str(tmp_path / "t.json")])
+                            "--diagonal-dims", "4", "--reps", "1", "--out", str(tmp_path / "t.json")])
     assert {r["method"] for r in rows} >= {"forward", "jacfwd", "jacrev", "hutchinson", "ssm", "dsm"}
     assert {r["net"] for r in rows} == {"energy", "score"}
-    saved = json.loads((tmp_path / "t.json").read_text())["rows"]
-    assert [(r["net"], r["d"], r["method"]) for r in saved] == [(r["net"], r["d"], r["method"]) for r in rows]
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert [(r["net"], r["d"], r["method"]) for r in saved["rows"]] == [(r["net"], r["d"], r["method"]) for r in rows]
+    assert {r["what"] for r in saved["diagonal"]} == {"laplacian", "diagonal", "diagonal jacfwd", "ism step",
+                                                       "ism step λ=0.1"}
     rows = chain_throughput.main(["--chains", "16", "--steps", "5", "--reps", "1", "--out", str(tmp_path / "c.json")])
     assert len([r for r in rows if r["sampler"].startswith("jsm")]) == 4

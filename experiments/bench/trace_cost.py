@@ -34,6 +34,16 @@ A MEMORY table: XLA's compiled memory (`memory_analysis()`: temporaries + argume
 of the Laplacian at d in {128, 512, 2048} (energy net), forward unchunked and with
 `chunk_size=128`, folx and jacfwd, each also with its parameter gradient, and its time.
 
+A DIAGONAL table: the exact Hessian diagonal ∂²f/∂x_k² (`jsm.forward.hessian_diagonal_batch`: each of the
+d directions carries its own second derivative, pushed like the Jacobian) against the Laplacian
+(`jsm.forward.laplacian_batch`) on the energy net, batch 256, at d in {32, 128, 512}: time (median and
+min of interleaved reps) and compiled memory, and the jacfwd diagonal (the full Hessian) for scale;
+where d exceeds the first layer's width the Laplacian seeds only h rows (above) and the diagonal
+cannot (the seed mixes the coordinates), so the Laplacian with the d rows of I (laplacian_I) is
+timed too, the like-for-like ratio. Then the training step of Kingma & LeCun's regularised ISM,
+value_and_grad of `ism_energy(f, xs, hessian_penalty=0.1)`, against the plain ISM step. The goal
+set for the diagonal was at most 1.5x the Laplacian's time; the table says what it is.
+
 Reported: milliseconds per step, the ratio to DSM, and the ratio to a FLOP lower bound
 of an exact Laplacian at the machine's measured matmul throughput. The bound counts the
 dense products any exact method must do: the value (2 b (d h + 2 h² + h)) and the d
@@ -197,6 +207,39 @@ def memory_table(dims, reps: int, chunk: int = 128) -> list[dict]:
     return rows
 
 
+def diagonal_table(dims, reps: int, lam: float = 0.1) -> list[dict]:
+    """Hessian diagonal against Laplacian (time, compiled memory); the regularised ISM step against the plain one."""
+    rows = []
+    for d in dims:
+        apply, params = nets.pure(nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)))
+        xs = jax.random.normal(jax.random.key(0), (BATCH, d))
+        energy = lambda p: (lambda x: apply(p, x))
+        fns = {"laplacian": lambda p, xs: jsm.forward.laplacian_batch(energy(p))(xs)}
+        if d > HIDDEN[0]:
+            fns["laplacian_I"] = lambda p, xs: jsm.forward.laplacian_batch(energy(p), _reduce=False)(xs)
+        fns |= {
+            "diagonal": lambda p, xs: jsm.forward.hessian_diagonal_batch(energy(p))(xs).diagonal,
+            "diagonal jacfwd": lambda p, xs: jax.vmap(jsm.hessian_diagonal(energy(p), method="jacfwd"))(xs),
+            "ism step": jax.value_and_grad(lambda p, xs: objectives.ism_energy(energy(p), xs)),
+            f"ism step λ={lam:g}": jax.value_and_grad(
+                lambda p, xs: objectives.ism_energy(energy(p), xs, hessian_penalty=lam)),
+        }
+        mem = {k: compiled_bytes(f, params, xs) for k, f in fns.items()}
+        times = interleaved({k: jax.jit(f) for k, f in fns.items()}, params, xs, reps=reps)
+        for name in fns:
+            base = "ism step" if name.startswith("ism step") else "laplacian"
+            row = {"d": d, "what": name, "ms": 1e3 * times[name][0], "ms_min": 1e3 * times[name][1],
+                   "MB": mem[name] / 2**20, "vs": base, "x_time": times[name][0] / times[base][0],
+                   "x_time_min": times[name][1] / times[base][1], "x_MB": mem[name] / mem[base]}
+            if name == "diagonal" and "laplacian_I" in times:
+                row["x_time_vs_I"] = times[name][0] / times["laplacian_I"][0]
+                row["x_time_min_vs_I"] = times[name][1] / times["laplacian_I"][1]
+                row["x_MB_vs_I"] = mem[name] / mem["laplacian_I"]
+            rows.append(row)
+        print(f"diagonal d={d}: " + ", ".join(f"{k} {1e3 * v[0]:.2f} ms" for k, v in times.items()), flush=True)
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="2,8,32,128,512")
@@ -206,11 +249,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--inference-dims", default="2,8,32,128,512",
                         help="dimensions of the inference (Laplacian only) table ('' to skip it)")
     parser.add_argument("--memory-dims", default="128,512,2048", help="dimensions of the memory table ('' to skip)")
+    parser.add_argument("--diagonal-dims", default="32,128,512",
+                        help="dimensions of the Hessian-diagonal table ('' to skip)")
     parser.add_argument("--out", default="runs/bench/trace_cost.json")
     args = parser.parse_args(argv)
     dims = lambda s: [int(v) for v in s.split(",")] if s else []
     inference = inference_table(dims(args.inference_dims), args.reps)
     memory = memory_table(dims(args.memory_dims), args.reps)
+    diagonal = diagonal_table(dims(args.diagonal_dims), args.reps)
     throughput = matmul_flops_per_second()
     rows = []
     key = jax.random.key(1)
@@ -246,8 +292,14 @@ def main(argv=None) -> list[dict]:
     if memory:
         print("\nCompiled memory (temporaries + arguments + outputs) of the Laplacian, energy 3x128, batch 256:")
         print(table(memory, ["d", "what", "MB", "x_forward_MB", "ms", "x_forward_time"]))
-    save(args.out, rows, inference=inference, memory=memory, matmul_flops_per_second=throughput, batch=BATCH,
-         hidden=HIDDEN, wide=WIDE, wide_batch=WIDE_BATCH)
+    if diagonal:
+        print("\nThe exact Hessian diagonal against the Laplacian (x_* vs laplacian), and the regularised ISM step "
+              "(loss + parameter gradient, λ > 0) against the plain one (x_* vs ism step); energy 3x128, batch 256,"
+              " one process, interleaved reps; goal: diagonal <= 1.5x the Laplacian's time:")
+        print(table(diagonal, ["d", "what", "ms", "ms_min", "MB", "vs", "x_time", "x_time_min", "x_MB", "x_time_vs_I",
+                               "x_time_min_vs_I", "x_MB_vs_I"]))
+    save(args.out, rows, inference=inference, memory=memory, diagonal=diagonal, matmul_flops_per_second=throughput,
+         batch=BATCH, hidden=HIDDEN, wide=WIDE, wide_batch=WIDE_BATCH)
     return rows
 
 
