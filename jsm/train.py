@@ -525,8 +525,8 @@ def _settings(data: Array, batch_size: int, ema_decay, mesh) -> dict:
 def _check_settings(workdir: Path, settings: dict, allow_changes, lead: bool) -> None:
     """Refuse to resume a workdir under other settings (naming them) unless allowed; record them."""
     path = workdir / SETTINGS_FILE
-    if path.exists():
-        before = json.loads(path.read_text())
+    before = json.loads(path.read_text()) if path.exists() else None
+    if before is not None:
         changed = sorted(k for k in settings if before.get(k, settings[k]) != settings[k])
         allowed = set(settings) if allow_changes is True else set(allow_changes or ())
         refused = [k for k in changed if k not in allowed]
@@ -535,9 +535,11 @@ def _check_settings(workdir: Path, settings: dict, allow_changes, lead: bool) ->
             raise ValueError(f"fit: {workdir} holds a run started with other settings ({what}). Resuming would change "
                              f"the run silently: use a new workdir, or pass allow_changes={tuple(refused)!r} (or True) "
                              "to resume under the new ones")
-    if lead:
+    if lead and before != settings:  # written whole, then renamed: another process never reads half a file
         workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1))
+        part = path.with_suffix(".json.part")
+        part.write_text(json.dumps(settings, indent=1))
+        part.replace(path)
 
 
 def _resume(run: _Run, workdir: Path, keep: int) -> None:

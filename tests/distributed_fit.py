@@ -52,7 +52,7 @@ for i, spec in enumerate(args[1:]):
     mesh = jax.make_mesh((n_dev,), ("data",), devices=jax.devices()[:n_dev]) if n_dev else None
     r = jsm.fit(loss, params, data, optimizer=optimizer, key=jax.random.key(0), steps=int(steps), batch_size=64,
                 workdir=None if workdir == "-" else workdir, checkpoint_every=20, log_every=10, progress=False,
-                mesh=mesh, ema_decay=0.9)
+                mesh=mesh, ema_decay=0.9, allow_changes=("mesh",))  # a checkpoint resumes on other meshes
     # Replicated: every device, in every process, holds the whole value.
     leaves = [np.asarray(x.addressable_shards[0].data) for x in jax.tree.leaves((r.params, r.ema_params))]
     out[f"run{i}"] = np.concatenate([x.ravel() for x in leaves])
