@@ -9,14 +9,30 @@ diffrax's adaptive Tsit5 at the default tolerances.
 
 Reported per d and method:
   ms_per_example   the wall time of `log_prob` on the batch, per example (jitted, median of reps)
-  steps            the solver's steps per example (diffrax's num_steps, from a solve through the same helpers
-                   as `log_prob`: jsm.likelihood.divergence_fn, jsm.diffusion.ode_drift and solve_ode);
-                   Tsit5 (FSAL) evaluates the field about 6 times per step
-  nfe              ≈ 6 · steps + 1 evaluations of (v, div v)
+  steps            the solver's steps per example (diffrax's num_steps, accepted and rejected, from
+                   `likelihood.flow_to_prior(..., info=True)`: the very solve `log_prob` runs, same probes)
+  nfe              evaluations of (v, div v) per example (SolveInfo.num_fevals: Tsit5 (FSAL) evaluates the
+                   field 6 times per step, plus one)
   sd_bpd           Hutchinson: the standard deviation of one example's bits/dim over probe keys (averaged over
                    examples); exact: 0
   rmse_bpd         Hutchinson: the root-mean-square distance to the exact bits/dim
   x_exact_time     time per example against the exact trace's
+  ms_per_eval      ms_per_example / nfe: the cost of ONE evaluation of (v, div v), i.e. of one jet (exact) or
+                   of k JVPs (Hutchinson), per solver step's stage, inside the solve
+
+Where the time goes (the `per_evaluation` table, `--eval-dims`, default 784): ONE evaluation of the field
+with its divergence, for a batch of `--eval-batch` examples, jitted alone and timed, with XLA's compiled cost
+analysis (`jax.jit(f).lower(...).compile().cost_analysis()`: flops and bytes accessed) per example, for
+  score            v(x, t) alone: the floor, what a sampler pays per step
+  exact            jsm's exact divergence (`likelihood.divergence_fn(trace="exact")`: the forward jet,
+                   value and the d x d Jacobian, then its trace)
+  exact_by_hand    the same trace written for this MLP, keeping only what the trace needs from the last
+                   layer: J_2 (d x h) then Σ_i (J_2 W_3)_ii as one contraction (d h, not d h d, multiply-adds);
+                   it agrees with "exact" to float rounding and shows what the full last-layer Jacobian costs
+  hutchinson_k     k Rademacher JVPs
+for the benchmark's MLP, and (`--mnist-net`) for experiments/mnist.py's score network at d = 784,
+`nets.NoiseConditionalScore(784, (256, 256))` (Fourier time features, preconditioned), where the exact jet
+of the last layer, (d x 256) @ (256 x d), is most of the flops.
 
     python experiments/bench/likelihood_cost.py --out runs/bench/likelihood_cost.json
 """
@@ -41,13 +57,19 @@ PROBES = (1, 4, 16, 64)
 TARGET_BPD = 0.01
 
 
-def score_net(key, d: int):
-    """s(x, t): an MLP on [x, t], (d,) x () -> (d,)."""
+def score_params(key, d: int) -> list:
+    """[(W, b)] of an MLP on [x, t]: (d + 1) -> HIDDEN -> d."""
     sizes = (d + 1, *HIDDEN, d)
     params = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         key, k = jax.random.split(key)
         params.append((jax.random.normal(k, (a, b)) / math.sqrt(a), jnp.zeros(b)))
+    return params
+
+
+def score_net(key, d: int):
+    """s(x, t): an MLP on [x, t], (d,) x () -> (d,)."""
+    params = score_params(key, d)
 
     def score(x, t):
         h = jnp.concatenate([x, jnp.reshape(t, (1,)).astype(x.dtype)])
@@ -59,26 +81,82 @@ def score_net(key, d: int):
     return score
 
 
-def steps_per_example(score, sde, xs, trace: str, probes) -> np.ndarray:
-    """diffrax's num_steps for each example, solving as `log_prob` does."""
-    t_min = jnp.asarray(likelihood.LIKELIHOOD_T_MIN, xs.dtype)
+def steps_per_example(score, sde, xs, trace: str, key=None, n_probes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The solver's (num_steps, num_fevals) per example, from the very solve `log_prob` runs (same probes)."""
+    *_, info = likelihood.flow_to_prior(score, sde, xs, trace=trace, key=key, n_probes=n_probes, info=True)
+    return np.asarray(info.num_steps), np.asarray(info.num_fevals)
 
-    @jax.jit
-    def solve(xs, probes):
-        def one(x, u):
-            def field(t, state):
-                return likelihood.divergence_fn(lambda z: diffusion.ode_drift(score, sde, z, t), trace, u)(state[0])
 
-            _, _, n = diffusion.solve_ode(field, (x, jnp.zeros((), x.dtype)), t_min, sde.T,
-                                          rtol=jnp.asarray(1e-5, xs.dtype), atol=jnp.asarray(1e-5, xs.dtype),
-                                          max_steps=4096)
-            return n
+def cost(compiled) -> dict:
+    """flops and bytes accessed from XLA's cost analysis of a compiled function (a dict, or a list of them)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    return {"flops": float(analysis.get("flops", float("nan"))),
+            "bytes": float(analysis.get("bytes accessed", float("nan")))}
 
-        return jax.vmap(one)(xs, probes)
 
-    if probes is None:
-        probes = jnp.zeros((xs.shape[0], 1, xs.shape[1]), xs.dtype)
-    return np.asarray(solve(xs, probes))
+def exact_by_hand(params, sde, x, t):
+    """(v, div v) of v = f - g² s / 2 for `score_net`'s MLP, the trace taken inside the last layer's contraction."""
+    (w1, b1), (w2, b2), (w3, b3) = params
+    d = x.shape[0]
+    h0 = jnp.concatenate([x, jnp.reshape(t, (1,)).astype(x.dtype)])
+    h1 = jnp.tanh(h0 @ w1 + b1)
+    h2 = jnp.tanh(h1 @ w2 + b2)
+    s = h2 @ w3 + b3
+    j1 = w1[:d] * (1.0 - h1**2)  # ∂h1/∂x: (d, h), row i = ∂/∂x_i
+    j2 = (j1 @ w2) * (1.0 - h2**2)  # ∂h2/∂x: (d, h)
+    div_s = jnp.einsum("ij,ji->", j2, w3)  # Σ_i ∂s_i/∂x_i without forming (d, d)
+    g2 = sde.diffusion(t) ** 2
+    v = sde.drift(x, t) - 0.5 * g2 * s
+    # the VP drift f = -β(t) x / 2 acts on each coordinate alike: div f = d ∂f_1/∂x_1
+    div_f = d * jax.grad(lambda z: sde.drift(z, t)[0])(jnp.zeros(1))[0]
+    return v, div_f - 0.5 * g2 * div_s
+
+
+def mnist_score(key):
+    """experiments/mnist.py's likelihood network at d = 784, untrained: score(x, t)."""
+    from flax import nnx
+
+    sde = jsm.sde.VPSDE()
+    net = jsm.nets.NoiseConditionalScore(784, (256, 256), rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 2**30))),
+                                         noise="t", marginal=sde.marginal, data_scale=1.0, activation=jax.nn.silu)
+    apply, params = jsm.nets.pure(net)
+    return lambda x, t: apply(params, x, t)
+
+
+def per_evaluation(name: str, score, d: int, n: int, probes, reps: int, by_hand=None) -> list[dict]:
+    """Time and cost analysis of ONE evaluation of (v, div v) for a batch of n examples, per example."""
+    sde = jsm.sde.VPSDE()
+    t = jnp.asarray(0.5)
+    xs = jax.random.normal(jax.random.key(1), (n, d))
+    field = lambda z: diffusion.ode_drift(score, sde, z, t)
+    fns = {"score": (lambda xs: jax.vmap(field)(xs), (xs,)),
+           "exact": (lambda xs: jax.vmap(likelihood.divergence_fn(field, "exact"))(xs), (xs,))}
+    if by_hand is not None:
+        fns["exact_by_hand"] = (lambda xs: jax.vmap(lambda x: by_hand(sde, x, t))(xs), (xs,))
+    for k in probes:
+        u = jax.random.rademacher(jax.random.key(k), (n, k, d), xs.dtype)
+        one = lambda x, p: likelihood.divergence_fn(field, "hutchinson", p)(x)
+        fns[f"hutchinson_{k}"] = (lambda xs, u: jax.vmap(one)(xs, u), (xs, u))
+    rows, outputs = [], {}
+    for what, (fn, args) in fns.items():
+        compiled = jax.jit(fn).lower(*args).compile()
+        seconds, out = timed(lambda: compiled(*args), reps)
+        outputs[what] = out
+        c = cost(compiled)
+        rows.append({"net": name, "d": d, "what": what, "n": n, "ms_per_example": 1e3 * seconds / n,
+                     "mflops_per_example": c["flops"] / n / 1e6, "mbytes_per_example": c["bytes"] / n / 1e6})
+    base = rows[0]
+    for r in rows:
+        r["x_score_time"] = r["ms_per_example"] / base["ms_per_example"]
+        r["x_score_flops"] = r["mflops_per_example"] / base["mflops_per_example"]
+        r["gflop_per_s"] = r["mflops_per_example"] / r["ms_per_example"]
+    if by_hand is not None:  # the hand-written trace is the same number
+        np.testing.assert_allclose(np.asarray(outputs["exact_by_hand"][1]), np.asarray(outputs["exact"][1]),
+                                   rtol=1e-3, atol=1e-3 * d)
+    return rows
 
 
 def timed(fn, reps: int) -> tuple[float, object]:
@@ -98,6 +176,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--keys", default="8,6,4", help="Hutchinson probe keys per d (for the spread over keys)")
     parser.add_argument("--probes", default=",".join(map(str, PROBES)))
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--eval-dims", default="784", help="d for the per-evaluation table ('' for none)")
+    parser.add_argument("--eval-batch", type=int, default=8)
+    parser.add_argument("--mnist-net", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the per-evaluation table of experiments/mnist.py's score network at d = 784")
     parser.add_argument("--out", default="runs/bench/likelihood_cost.json")
     args = parser.parse_args(argv)
     sde = jsm.sde.VPSDE()
@@ -109,25 +191,26 @@ def main(argv=None) -> list[dict]:
         bpd = lambda log_p: np.asarray(likelihood.bits_per_dim(log_p, d))
         t_exact, log_p = timed(lambda: likelihood.log_prob(score, sde, xs), args.reps)
         exact = bpd(log_p)
-        steps = steps_per_example(score, sde, xs, "exact", None)
+        steps, nfe = steps_per_example(score, sde, xs, "exact")
         rows.append({"d": d, "method": "exact", "k": 0, "n": n, "ms_per_example": 1e3 * t_exact / n,
-                     "steps": float(steps.mean()), "nfe": float(6 * steps.mean() + 1), "sd_bpd": 0.0,
-                     "rmse_bpd": 0.0, "x_exact_time": 1.0})
+                     "steps": float(steps.mean()), "nfe": float(nfe.mean()), "sd_bpd": 0.0,
+                     "rmse_bpd": 0.0, "x_exact_time": 1.0, "ms_per_eval": 1e3 * t_exact / n / float(nfe.mean())})
         print(f"d={d}: exact {1e3 * t_exact / n:.1f} ms/example, {steps.mean():.0f} steps", flush=True)
         for k in map(int, args.probes.split(",")):
             keys = jax.random.split(jax.random.key(k), n_keys)
             run = lambda key: likelihood.log_prob(score, sde, xs, trace="hutchinson", key=key, n_probes=k)
             t_h, _ = timed(lambda: run(keys[0]), args.reps)
             draws = np.stack([bpd(run(key)) for key in keys])  # (keys, n)
-            probes = jax.random.rademacher(keys[0], (n, k, d), xs.dtype)  # as flow_to_prior draws them
-            h_steps = steps_per_example(score, sde, xs, "hutchinson", probes)
+            h_steps, h_nfe = steps_per_example(score, sde, xs, "hutchinson", keys[0], k)
             rows.append({"d": d, "method": "hutchinson", "k": k, "n": n, "ms_per_example": 1e3 * t_h / n,
-                         "steps": float(h_steps.mean()), "nfe": float(6 * h_steps.mean() + 1),
+                         "steps": float(h_steps.mean()), "nfe": float(h_nfe.mean()),
                          "sd_bpd": float(np.mean(np.std(draws, axis=0, ddof=1))),
-                         "rmse_bpd": float(np.sqrt(np.mean((draws - exact) ** 2))), "x_exact_time": t_h / t_exact})
+                         "rmse_bpd": float(np.sqrt(np.mean((draws - exact) ** 2))), "x_exact_time": t_h / t_exact,
+                         "ms_per_eval": 1e3 * t_h / n / float(h_nfe.mean())})
             print(f"d={d}: hutchinson k={k} {1e3 * t_h / n:.1f} ms/example, sd {rows[-1]['sd_bpd']:.4f} bits/dim",
                   flush=True)
-    columns = ["d", "method", "k", "n", "ms_per_example", "steps", "nfe", "sd_bpd", "rmse_bpd", "x_exact_time"]
+    columns = ["d", "method", "k", "n", "ms_per_example", "steps", "nfe", "ms_per_eval", "sd_bpd", "rmse_bpd",
+               "x_exact_time"]
     print("\nProbability-flow log-likelihood, exact trace against Hutchinson (bits/dim):")
     print(table(rows, columns))
     summary = {}
@@ -144,7 +227,30 @@ def main(argv=None) -> list[dict]:
                  else f"no k <= {last['k']}; about k = {k_needed:.0f} by 1/sqrt(k) from k = {last['k']} "
                       f"(then about {k_needed / last['k'] * last['x_exact_time']:.0f}x the exact trace's time, "
                       f"the probes' cost taken as linear in k)"))
-    save(args.out, rows, score_hidden=HIDDEN, sde="VPSDE", target_bpd=TARGET_BPD, first_k_under_target=summary)
+    evals = []
+    probe_list = [int(k) for k in args.probes.split(",")]
+    for d in [int(v) for v in args.eval_dims.split(",") if v]:
+        key = jax.random.key(d)
+        params = score_params(key, d)
+        evals += per_evaluation(f"bench MLP {HIDDEN}", score_net(key, d), d, args.eval_batch, probe_list, args.reps,
+                                by_hand=lambda sde, x, t: exact_by_hand(params, sde, x, t))
+        if args.mnist_net and d == 784:
+            evals += per_evaluation("mnist.py MLP (256, 256)", mnist_score(key), d, args.eval_batch, probe_list,
+                                    args.reps)
+    if evals:
+        print("\nOne evaluation of (v, div v), per example (XLA cost analysis; x_score: against v alone):")
+        print(table(evals, ["net", "d", "what", "n", "ms_per_example", "mflops_per_example", "mbytes_per_example",
+                            "x_score_time", "x_score_flops", "gflop_per_s"]))
+        for name in sorted({r["net"] for r in evals}):
+            mine = {r["what"]: r for r in evals if r["net"] == name}
+            if "exact_by_hand" in mine:
+                e, h = mine["exact"], mine["exact_by_hand"]
+                print(f"{name}, d={e['d']}: the exact jet costs {e['mflops_per_example']:.1f} MFLOP per evaluation, "
+                      f"{e['x_score_flops']:.0f}x the score's; the same trace without the last layer's d x d Jacobian "
+                      f"{h['mflops_per_example']:.2f} MFLOP ({e['mflops_per_example'] / h['mflops_per_example']:.0f}x "
+                      f"fewer), {e['ms_per_example'] / h['ms_per_example']:.1f}x faster")
+    save(args.out, rows, score_hidden=HIDDEN, sde="VPSDE", target_bpd=TARGET_BPD, first_k_under_target=summary,
+         per_evaluation=evals)
     return rows
 
 
