@@ -21,7 +21,7 @@ Reported per d and method:
                    of k JVPs (Hutchinson), per solver step's stage, inside the solve
 
 Where the time goes (the `per_evaluation` table, `--eval-dims`, default 784): ONE evaluation of the field
-with its divergence, for a batch of `--eval-batch` examples, jitted alone and timed, with XLA's compiled cost
+with its divergence, for batches of `--eval-batch` examples (1 and 8), jitted alone and timed, with XLA's compiled cost
 analysis (`jax.jit(f).lower(...).compile().cost_analysis()`: flops and bytes accessed) per example, for
   score            v(x, t) alone: the floor, what a sampler pays per step
   exact            jsm's exact divergence (`likelihood.divergence_fn(trace="exact")`: the forward jet,
@@ -31,8 +31,10 @@ analysis (`jax.jit(f).lower(...).compile().cost_analysis()`: flops and bytes acc
                    it agrees with "exact" to float rounding and shows what the full last-layer Jacobian costs
   hutchinson_k     k Rademacher JVPs
 for the benchmark's MLP, and (`--mnist-net`) for experiments/mnist.py's score network at d = 784,
-`nets.NoiseConditionalScore(784, (256, 256))` (Fourier time features, preconditioned), where the exact jet
-of the last layer, (d x 256) @ (256 x d), is most of the flops.
+`nets.NoiseConditionalScore(784, (256, 256))` (Fourier time features, preconditioned); and the exact jet's
+flops counted by hand, layer by layer (`jet_flops`), next to XLA's count: the last layer's (d x h) @ (h x d)
+Jacobian, of which the trace needs only the diagonal, is most of them; the first layer's seed I_d @ W_1 is
+a dense product with the identity, shared by the batch.
 
     python experiments/bench/likelihood_cost.py --out runs/bench/likelihood_cost.json
 """
@@ -53,6 +55,8 @@ from jsm import diffusion, likelihood
 from timing import save, table
 
 HIDDEN = (64, 64)
+MNIST_HIDDEN = (256, 256)  # experiments/mnist.py's likelihood network
+MNIST_FREQUENCIES = 16  # its Fourier features of t: 2 x 16 inputs besides x
 PROBES = (1, 4, 16, 64)
 TARGET_BPD = 0.01
 
@@ -120,13 +124,29 @@ def mnist_score(key):
     from flax import nnx
 
     sde = jsm.sde.VPSDE()
-    net = jsm.nets.NoiseConditionalScore(784, (256, 256), rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 2**30))),
-                                         noise="t", marginal=sde.marginal, data_scale=1.0, activation=jax.nn.silu)
+    net = jsm.nets.NoiseConditionalScore(784, MNIST_HIDDEN, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 2**30))),
+                                         noise="t", marginal=sde.marginal, data_scale=1.0, activation=jax.nn.silu,
+                                         n_frequencies=MNIST_FREQUENCIES)
     apply, params = jsm.nets.pure(net)
     return lambda x, t: apply(params, x, t)
 
 
-def per_evaluation(name: str, score, d: int, n: int, probes, reps: int, by_hand=None) -> list[dict]:
+def jet_flops(layers: tuple[int, ...], n: int) -> dict:
+    """MFLOP per example of the exact jet through an MLP with widths `layers` = (in, h_1, ..., h_L, d), d columns.
+
+    The seed I_d @ W_1 (d x in times in x h_1) once per batch; each hidden layer (d x h_i) @ (h_i x h_{i+1});
+    the last (d x h_L) @ (h_L x d), of which the trace needs only Σ_i Σ_j J_ij W_ji (d h_L multiply-adds).
+    """
+    d = layers[-1]
+    seed = 2 * d * layers[0] * layers[1] / n
+    hidden = sum(2 * d * a * b for a, b in zip(layers[1:-2], layers[2:-1]))
+    last = 2 * d * layers[-2] * d
+    mega = lambda v: v / 1e6
+    return {"first_layer_seed": mega(seed), "hidden": mega(hidden), "last_layer": mega(last),
+            "total": mega(seed + hidden + last), "last_layer_trace_only": mega(2 * d * layers[-2])}
+
+
+def per_evaluation(name: str, score, d: int, n: int, probes, reps: int, by_hand=None, layers=None) -> list[dict]:
     """Time and cost analysis of ONE evaluation of (v, div v) for a batch of n examples, per example."""
     sde = jsm.sde.VPSDE()
     t = jnp.asarray(0.5)
@@ -148,6 +168,8 @@ def per_evaluation(name: str, score, d: int, n: int, probes, reps: int, by_hand=
         c = cost(compiled)
         rows.append({"net": name, "d": d, "what": what, "n": n, "ms_per_example": 1e3 * seconds / n,
                      "mflops_per_example": c["flops"] / n / 1e6, "mbytes_per_example": c["bytes"] / n / 1e6})
+        if what == "exact" and layers is not None:
+            rows[-1]["analytic_mflops"] = jet_flops(layers, n)
     base = rows[0]
     for r in rows:
         r["x_score_time"] = r["ms_per_example"] / base["ms_per_example"]
@@ -177,7 +199,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--probes", default=",".join(map(str, PROBES)))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--eval-dims", default="784", help="d for the per-evaluation table ('' for none)")
-    parser.add_argument("--eval-batch", type=int, default=8)
+    parser.add_argument("--eval-batch", default="1,8", help="batch sizes n of the per-evaluation table")
     parser.add_argument("--mnist-net", action=argparse.BooleanOptionalAction, default=True,
                         help="also the per-evaluation table of experiments/mnist.py's score network at d = 784")
     parser.add_argument("--out", default="runs/bench/likelihood_cost.json")
@@ -232,23 +254,31 @@ def main(argv=None) -> list[dict]:
     for d in [int(v) for v in args.eval_dims.split(",") if v]:
         key = jax.random.key(d)
         params = score_params(key, d)
-        evals += per_evaluation(f"bench MLP {HIDDEN}", score_net(key, d), d, args.eval_batch, probe_list, args.reps,
-                                by_hand=lambda sde, x, t: exact_by_hand(params, sde, x, t))
-        if args.mnist_net and d == 784:
-            evals += per_evaluation("mnist.py MLP (256, 256)", mnist_score(key), d, args.eval_batch, probe_list,
-                                    args.reps)
+        for n in [int(v) for v in args.eval_batch.split(",") if v]:
+            evals += per_evaluation(f"bench MLP {HIDDEN}", score_net(key, d), d, n, probe_list, args.reps,
+                                    by_hand=lambda sde, x, t: exact_by_hand(params, sde, x, t),
+                                    layers=(d + 1, *HIDDEN, d))
+            if args.mnist_net and d == 784:
+                evals += per_evaluation("mnist.py MLP (256, 256)", mnist_score(key), d, n, probe_list, args.reps,
+                                        layers=(d + 2 * MNIST_FREQUENCIES, *MNIST_HIDDEN, d))
     if evals:
         print("\nOne evaluation of (v, div v), per example (XLA cost analysis; x_score: against v alone):")
         print(table(evals, ["net", "d", "what", "n", "ms_per_example", "mflops_per_example", "mbytes_per_example",
                             "x_score_time", "x_score_flops", "gflop_per_s"]))
-        for name in sorted({r["net"] for r in evals}):
-            mine = {r["what"]: r for r in evals if r["net"] == name}
-            if "exact_by_hand" in mine:
-                e, h = mine["exact"], mine["exact_by_hand"]
-                print(f"{name}, d={e['d']}: the exact jet costs {e['mflops_per_example']:.1f} MFLOP per evaluation, "
-                      f"{e['x_score_flops']:.0f}x the score's; the same trace without the last layer's d x d Jacobian "
-                      f"{h['mflops_per_example']:.2f} MFLOP ({e['mflops_per_example'] / h['mflops_per_example']:.0f}x "
-                      f"fewer), {e['ms_per_example'] / h['ms_per_example']:.1f}x faster")
+        print("\nThe exact jet's flops per example, by layer (2 d a b for a (d x a) Jacobian times an (a x b) weight; "
+              "the first layer's seed, I_d @ W_1, is shared by the batch):")
+        for e in (r for r in evals if r["what"] == "exact"):
+            a = e["analytic_mflops"]
+            print(f"  {e['net']}, d={e['d']}, n={e['n']}: first-layer seed {a['first_layer_seed']:.1f} + hidden "
+                  f"{a['hidden']:.1f} + last layer {a['last_layer']:.1f} = {a['total']:.1f} MFLOP (XLA counts "
+                  f"{e['mflops_per_example']:.1f}); the last layer is {a['last_layer'] / a['total']:.0%}; only the "
+                  f"trace needed from it: {a['last_layer_trace_only']:.2f} MFLOP")
+        for r in (r for r in evals if r["what"] == "exact_by_hand"):
+            e = next(x for x in evals if x["what"] == "exact" and x["net"] == r["net"] and x["n"] == r["n"])
+            print(f"{r['net']}, d={r['d']}, n={r['n']}: the exact jet costs {e['mflops_per_example']:.1f} MFLOP per "
+                  f"evaluation, {e['x_score_flops']:.0f}x the score's; the same trace without the last layer's d x d "
+                  f"Jacobian (nor the identity seed) {r['mflops_per_example']:.2f} MFLOP, "
+                  f"{e['ms_per_example'] / r['ms_per_example']:.1f}x faster")
     save(args.out, rows, score_hidden=HIDDEN, sde="VPSDE", target_bpd=TARGET_BPD, first_k_under_target=summary,
          per_evaluation=evals)
     return rows
