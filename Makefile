@@ -23,10 +23,11 @@ tour: setup
 
 # The whole suite in float32, then the closed-form `numerics` tests again in float64 with tightened
 # tolerances: the formula files, and the forward jet's rule tables. Tests that compare two routes to the same
-# number (chunked or not, folded or not, an image or its flattened twin) run in float32 only.
+# number (chunked or not, folded or not, an image or its flattened twin), and those limited by an ODE
+# solver's or a Monte Carlo error (likelihood, flow solvers' orders, AIS), run in float32 only.
 X64_FILES = tests/test_targets.py tests/test_sde.py tests/test_diffusion_formulas.py tests/test_ebm_formulas.py \
-	tests/test_metrics.py tests/test_likelihood.py tests/test_scores.py tests/test_partition.py \
-	tests/test_diagnostics.py tests/test_flow_solvers.py tests/test_forward.py tests/test_hessian_diagonal.py
+	tests/test_metrics.py tests/test_scores.py tests/test_diagnostics.py tests/test_forward.py \
+	tests/test_hessian_diagonal.py
 X64_SKIP = first_layer or identity_seed or folded or chunked or image or Image or folx or networks
 test: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n auto --dist loadfile --durations=15 $(ARGS)
