@@ -10,7 +10,7 @@ import jsm
 from jsm import forward, nets, objectives
 
 from conftest import tol
-from test_forward import FUNCTIONS, in_default_float
+from test_forward import FUNCTIONS, in_default_float, points  # noqa: F401  (points: the rule table's fixture)
 
 
 def hessian_diagonal_reference(fn):
@@ -19,12 +19,6 @@ def hessian_diagonal_reference(fn):
         hess = jax.jacfwd(jax.jacrev(fn))(x)  # fn(x).shape + (d, d)
         return jnp.moveaxis(jnp.diagonal(hess, axis1=-2, axis2=-1), -1, 0)
     return ref
-
-
-@pytest.fixture(scope="module")
-def points():
-    """Three points, away from the kinks of max/min/clip/where and the sign changes of x (as test_forward's)."""
-    return jax.random.normal(jax.random.key(0), (3, 5)) + 0.1
 
 
 @pytest.mark.numerics
