@@ -92,7 +92,7 @@ def _guidance(guidance, y):
     return jnp.asarray(guidance)
 
 
-def _check_score(score_fn, x: Array, y, guidance, args: tuple) -> None:
+def _check_score(score_fn, x: Array, y, args: tuple) -> None:
     """score_fn must map one example (and t, y, *args) to x's shape: checked by tracing, before compiling."""
     t = jax.ShapeDtypeStruct((), x.dtype)
     one = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
@@ -111,7 +111,7 @@ def _prepare(score_fn, sde, name: str, x, y, guidance, args) -> tuple:
     y = _labels(y, x.shape[0])
     w = _guidance(guidance, y)
     args = tuple(args)
-    _check_score(score_fn, x, y, w, args)
+    _check_score(score_fn, x, y, args)
     return x, y, w, args
 
 
