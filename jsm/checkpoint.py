@@ -47,12 +47,15 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint holds another model: its arrays' shapes differ from this run's."""
 
 
-def manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
+def manager(directory: str | Path, keep: int, *, clean: bool = True) -> ocp.CheckpointManager:
     """An orbax manager of the checkpoints under `directory` (created if missing), keeping the newest `keep`.
 
-    Opening it deletes what interrupted saves left behind (their temporary directories).
+    With `clean` (the manager a run saves with), opening it deletes what interrupted saves left
+    behind (their temporary directories), in the background, on the primary process only.
+    Open at most one cleaning manager on a directory at a time: two would delete the same
+    directories at once, and the slower one fails on files the other already removed.
     """
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=clean)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())
 
@@ -88,7 +91,7 @@ def restore_newest(directory: str | Path, like: TrainState) -> tuple[TrainState 
     if not directory.exists():
         return None, []
     skipped = []
-    with manager(directory, keep=1_000_000) as mgr:
+    with manager(directory, keep=1_000_000, clean=False) as mgr:  # reads only; the run's manager cleans
         for step in sorted(mgr.all_steps(), reverse=True):
             try:
                 return restore(mgr, step, like), skipped

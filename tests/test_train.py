@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,12 @@ def test_interrupted_save_is_ignored_and_cleaned(problem, tmp_path):
     shutil.copytree(ckpts / "40", partial)
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 50, "loss": 1.0}\n{"step": 6')  # logged after the last checkpoint, cut mid-line
+    # Restoring reads only: the one manager that saves deletes the leftover (two at once raced: the
+    # slower crashed on files the other had removed, and a multi-host run hung at its next barrier).
+    like = train.init_state(problem[1], optax.adam(1e-2), jax.random.key(0))
+    assert int(checkpoint.restore_latest(ckpts, like).step) == 40
+    time.sleep(0.5)
+    assert partial.exists()
     resumed = run(problem, tmp_path, 60)
     assert not partial.exists()
     assert_same_params(resumed.params, run(problem, tmp_path / "fresh", 60).params)
