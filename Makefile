@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: setup tour test test-latest bench lock clean
+.PHONY: setup tour test test-latest bench docs docs-check lock clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ test: setup
 	JAX_PLATFORMS=cpu JAX_ENABLE_X64=1 $(PY) -m pytest -q -n auto --dist loadfile -m numerics \
 		-k "not ($(X64_SKIP))" $(X64_FILES) $(ARGS)
 
+# The documentation site, offline, into docs/_build/html: the API from the docstrings and the tutorials,
+# executed (cached in docs/_build/.jupyter_cache: a page runs again only when its code changed). Any
+# warning, or a cell that raises, fails the build. `docs-check` then opens every page in headless
+# Chromium (Debian's package: `apt-get install chromium`) and fails on a page that does not load, a
+# console error, a formula MathJax did not typeset or a missing figure.
+docs: setup
+	JAX_PLATFORMS=cpu $(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+docs-check: docs
+	$(PY) docs/check.py docs/_build/html
+
 # Benchmarks print a table and write JSON under runs/bench/. The peers (folx, blackjax) are in the
 # lock (the `peers` extra), so the tests and benchmarks compare against pinned versions.
 bench: setup
@@ -55,9 +65,9 @@ lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet "pip-tools==7.6.2"
 	.venv-lock/bin/pip-compile --quiet $(UPGRADE) --generate-hashes --allow-unsafe --no-strip-extras \
-		--no-emit-index-url --no-emit-find-links --extra dev --extra peers --extra data \
+		--no-emit-index-url --no-emit-find-links --extra dev --extra peers --extra data --extra docs \
 		--output-file requirements.lock pyproject.toml
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-latest runs .pytest_cache
+	rm -rf $(VENV) .venv-latest runs .pytest_cache docs/_build
