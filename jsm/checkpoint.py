@@ -80,6 +80,8 @@ def restore(mgr: ocp.CheckpointManager, step: int, like: TrainState) -> TrainSta
 def restore_newest(directory: str | Path, like: TrainState) -> tuple[TrainState | None, list[tuple[int, str]]]:
     """The newest checkpoint under `directory` that restores, shaped like `like`, and the skipped ones.
 
+    `directory` holds the step folders, or is the workdir of a `jsm.fit` run (its `checkpoints/`).
+
     A finished checkpoint that fails to restore (a file cut short or lost) is skipped and
     listed as (step, reason); older ones are tried in turn. Nothing is moved or deleted.
     (None, []) when there is no checkpoint.
@@ -87,7 +89,7 @@ def restore_newest(directory: str | Path, like: TrainState) -> tuple[TrainState 
     Raises:
       CheckpointMismatchError: a checkpoint's arrays have other shapes than `like`'s.
     """
-    directory = Path(directory)
+    directory = _checkpoints_of(Path(directory))
     if not directory.exists():
         return None, []
     skipped = []
@@ -100,6 +102,14 @@ def restore_newest(directory: str | Path, like: TrainState) -> tuple[TrainState 
             except Exception as e:  # noqa: BLE001 - any failure to read means this copy is damaged
                 skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
     return None, skipped
+
+
+def _checkpoints_of(directory: Path) -> Path:
+    """`directory`, or its `checkpoints/` when given the workdir of a `jsm.fit` run."""
+    inner = directory / "checkpoints"
+    if inner.is_dir() and not any(p.name.isdigit() for p in directory.iterdir()):
+        return inner
+    return directory
 
 
 def restore_latest(directory: str | Path, like: TrainState) -> TrainState | None:
@@ -158,5 +168,15 @@ def _check_shapes(saved_tree, like: dict, where: str) -> None:
         lines = "; ".join(f"{k}: saved {saved.get(k, 'absent')}, this run {want.get(k, 'absent')}" for k in diff[:5])
         raise CheckpointMismatchError(
             f"the checkpoint {where} holds arrays of other shapes than this run's ({len(diff)} differ: {lines}). "
-            f"It belongs to another model or config: use a new workdir, or the same model to resume. "
+            f"It belongs to another model or config: use a new workdir, or the same model to resume.{_hint(diff)} "
             f"Nothing in the workdir was changed.")
+
+
+def _hint(diff: list[str]) -> str:
+    """What a template built for restoring most often gets wrong, when only that part differs."""
+    for part, remedy in (("ema_params", "a moving average of the parameters: build the template with "
+                                        "init_state(..., ema_decay=...) when the run had one, without it otherwise"),
+                         ("opt_state", "the optimizer's state: build the template with the run's optimizer")):
+        if all(k.startswith(part) for k in diff):
+            return f" Only {part} differs, {remedy}."
+    return ""

@@ -470,7 +470,8 @@ def _check_data(data) -> Array:
     """ONE array of every training example, finite: fit draws the batches itself."""
     if isinstance(data, (list, tuple)):
         raise TypeError(f"data must be ONE array (n, *shape) holding every training example (fit draws the batches "
-                        f"itself), got a {type(data).__name__} of {len(data)} items: concatenate them along axis 0")
+                        f"itself), got a {type(data).__name__} of {len(data)} items: concatenate batches along axis 0; "
+                        f"give labels as part of each example (e.g. an extra column) and split them in the loss")
     return _validate.examples("data", data)
 
 
@@ -762,8 +763,10 @@ def fit(
     run.hooks.run(run.state, steps)  # a callback added on resuming, or one whose result the kill lost
     run.start = run.state
 
-    from tqdm.auto import tqdm  # imported on demand, as orbax is
-
+    if progress and run.lead:  # imported on demand, as orbax is
+        from tqdm.auto import tqdm
+    else:  # disabled: tqdm.auto would still warn in a notebook without ipywidgets
+        from tqdm import tqdm
     bar = tqdm(total=steps, initial=min(run.step, steps), disable=not (progress and run.lead), desc="fit",
                unit="step")
     try:

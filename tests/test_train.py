@@ -86,6 +86,12 @@ def test_typed_and_raw_keys_restore_exactly(problem, tmp_path):
     restored = checkpoint.restore_latest(tmp_path / "raw" / "checkpoints", state._replace(key=raw))
     assert int(restored.step) == 40 and restored.key.dtype == jnp.uint32
     np.testing.assert_array_equal(restored.key, raw)
+    # The run's workdir is understood as its checkpoints/ folder.
+    assert int(checkpoint.restore_latest(tmp_path / "raw", state._replace(key=raw)).step) == 40
+    # A template without the run's moving average is refused, saying so.
+    run(problem, tmp_path / "ema", 20, key=raw, ema_decay=0.9)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"Only ema_params differs.*ema_decay"):
+        checkpoint.restore_latest(tmp_path / "ema", state._replace(key=raw))
 
 
 @pytest.mark.parametrize("loop", ["scan", "python"])
