@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 
 import jsm
-from jsm import diffusion, likelihood, nets, objectives, partition, plot, runs, sde as sde_lib
+from jsm import diffusion, likelihood, nets, objectives, partition, plot, quadrature, runs, sde as sde_lib
 
 import common
 import ebm_mle
@@ -136,7 +136,7 @@ def sample_baselines(config: Config, target, data) -> dict[str, jax.Array]:
 
 
 def density_panel(ax, values: np.ndarray, n: int, title: str, cmap="viridis", vmin=None, vmax=None):
-    """A heat map of values (n²,) given on `partition.grid(LO, HI, n)`'s points ("ij" order)."""
+    """A heat map of values (n²,) given on `quadrature.grid(LO, HI, n)`'s points ("ij" order)."""
     xx, yy, _ = plot.grid(LO, HI, n)  # "xy" order: the transpose
     mesh = ax.pcolormesh(xx, yy, values.reshape(n, n).T, cmap=cmap, shading="auto", vmin=vmin, vmax=vmax)
     plot._finish(ax, title)
@@ -168,7 +168,7 @@ def main(config: Config) -> dict:
     }
 
     # the ODE's density on a grid: the figure, and its mass on the box (1 minus what lies outside)
-    grid_pts, log_w = partition.grid(LO, HI, config.grid_n)  # "ij" order: (x, y) of point i*n + j
+    grid_pts, log_w = quadrature.grid(LO, HI, config.grid_n)  # "ij" order: (x, y) of point i*n + j
     log_q_grid = log_likelihood(params, grid_pts)
     out["score_model_mass_on_box"] = float(jnp.sum(jnp.exp(log_w + log_q_grid)))
     log_q_fig = np.asarray(log_q_grid)

@@ -28,7 +28,7 @@ import scipy.integrate
 from flax import nnx
 
 import jsm
-from jsm import ebm, nets, partition, plot, runs, samplers
+from jsm import ebm, nets, partition, plot, quadrature, runs, samplers
 
 import common
 
@@ -107,7 +107,7 @@ def exact_scores(apply, params, target, x_test, config: Config) -> dict:
     """
     energy = lambda x: energy_model(apply, config)(params, x)
     log_z = partition.log_z_grid(energy, LO, HI, config.grid_n)
-    points, log_w = partition.grid(LO, HI, config.grid_n)
+    points, log_w = quadrature.grid(LO, HI, config.grid_n)
     log_q = -jax.vmap(energy)(points) - log_z
     log_p = jax.vmap(target.log_prob)(points)
     empty = log_p < jnp.max(log_p) + jnp.log(1e-3)  # p below 1/1000 of its peak

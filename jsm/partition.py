@@ -62,7 +62,8 @@ def _annealed_log_prob(energy: EnergyFn):
 def _ais_log_weights(energy: EnergyFn, key: Array, dim: int, n_chains: int, n_temperatures: int, n_steps: int,
                      step_size, base_scale) -> Array:
     """(n_chains,) AIS log-weights log w = Σ_k (β_{k-1} - β_k) (f(x_{k-1}) - f_0(x_{k-1}))."""
-    betas = jnp.concatenate([jnp.zeros(1), jnp.geomspace(1e-4, 1.0, n_temperatures - 1)])
+    # β_0 = 0, then geometric up to exactly 1 (with 2 temperatures: [0, 1], plain importance sampling)
+    betas = jnp.concatenate([jnp.zeros(1), jnp.geomspace(1e-4, 1.0, n_temperatures - 1).at[-1].set(1.0)])
     # One kernel for all temperatures: β (and the base's scale) are its log-density's
     # arguments, the step size its data; nothing is rebuilt per temperature.
     kernel = samplers.mala(_annealed_log_prob(energy), step_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsm import _validate
 
@@ -19,7 +20,8 @@ def _box(lo, hi, n) -> tuple[Array, Array, int]:
     hi = _validate.float_array("hi", hi, ndim=1)
     if lo.shape != hi.shape or lo.shape[0] not in (1, 2):
         raise ValueError(f"lo and hi must both have shape (d,) with d = 1 or 2, got {lo.shape} and {hi.shape}")
-    if _validate.is_concrete(lo) and _validate.is_concrete(hi) and not bool((lo < hi).all()):
+    if _validate.is_concrete(lo) and _validate.is_concrete(hi) and not np.all(np.asarray(lo) < np.asarray(hi)):
+        # compared in NumPy: inside a jit, jnp would stage even a comparison of constants
         raise ValueError(f"lo must be < hi in every coordinate, got lo={lo.tolist()} and hi={hi.tolist()}")
     n = _validate.positive_int("n", n, minimum=2)
     return lo, hi, n

@@ -102,3 +102,20 @@ def test_grid_cost_is_n_to_the_d():
 def test_bad_boxes_raise(lo, hi, n, match):
     with pytest.raises(ValueError, match=match):
         partition.log_z_grid(lambda x: jnp.sum(x**2), jnp.array(lo), jnp.array(hi), n)
+
+
+def test_a_grid_on_a_box_closed_over_inside_jit_is_the_same_grid():
+    """A box held as jax arrays by the jitted function (constants of its trace) was compared with jnp,
+    which stages the comparison: a TracerBoolConversionError."""
+    lo, hi = jnp.array([-3.0, -3.0]), jnp.array([3.0, 3.0])
+    f = lambda x: 0.5 * jnp.dot(x, x)
+    np.testing.assert_allclose(jax.jit(lambda: partition.log_z_grid(f, lo, hi, 32))(), partition.log_z_grid(f, lo, hi, 32),
+                               rtol=tol(1e-6, 1e-12))
+
+
+def test_ais_with_two_temperatures_is_importance_sampling_of_the_target():
+    """β = (0, 1): one importance-sampling step from the base N(0, 1) to f = x²/(2·0.5²), whose log Z is
+    log(0.5 √(2π)); the β grid used to stop at 1e-4 and return log Z_0 (off by log 2)."""
+    est, se = partition.log_z_ais(lambda x: 0.5 * jnp.dot(x, x) / 0.25, jax.random.key(0), 1, n_chains=4000,
+                                  n_temperatures=2)
+    assert abs(float(est) - np.log(0.5 * np.sqrt(2 * np.pi))) < 4 * float(se) and float(se) < 0.05

@@ -219,6 +219,14 @@ def test_auto_loop_steps_from_python_for_a_convnet_on_cpu(problem):
 # --- the pure step -----------------------------------------------------------------
 
 
+def batch_of(data, data_key, step, b):
+    """fit's documented order, written out: epoch e = t // (n // b) visits the data in
+    permutation(fold_in(data_key, e)), b at a time."""
+    epoch, i = divmod(int(step), data.shape[0] // b)
+    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), data.shape[0])
+    return data[perm[i * b:(i + 1) * b]]
+
+
 def test_a_hand_written_loop_of_the_pure_step_is_fit(problem):
     loss, params, data = problem
     optimizer = optax.adam(1e-2)
@@ -226,7 +234,7 @@ def test_a_hand_written_loop_of_the_pure_step_is_fit(problem):
     step = jax.jit(train.make_step(train.stateless(loss, has_aux=True), optimizer))
     data_key = jax.random.split(state.key)[0]
     for _ in range(30):
-        state, metrics = step(state, train._batch_at(data, data_key, state.step, 32))
+        state, metrics = step(state, batch_of(data, data_key, state.step, 32))
     assert int(state.step) == 30 and bool(metrics["finite"]) and set(metrics) == {"loss", "l2", "finite"}
     fitted = run(problem, None, 30)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(fitted.params)):
@@ -254,7 +262,7 @@ def test_ema_follows_the_updates_and_resumes_bitwise(problem, tmp_path):
     step = jax.jit(train.make_step(train.stateless(loss, has_aux=True), optimizer, ema_decay=decay))
     data_key, ema = jax.random.split(state.key)[0], params
     for t in range(20):
-        state, _ = step(state, train._batch_at(data, data_key, state.step, 32))
+        state, _ = step(state, batch_of(data, data_key, state.step, 32))
         beta = min(decay, (1 + t) / (10 + t))  # the warm-up 0.1, 0.18, 0.25, ..., then β = 0.6 from t = 13
         ema = jax.tree.map(lambda m, p: beta * m + (1 - beta) * p, ema, state.params)  # the slow, obvious way
     for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
