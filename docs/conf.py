@@ -78,3 +78,22 @@ html_theme_options = {
 }
 html_last_updated_fmt = None
 html_context = {"default_mode": "light"}  # unset, the theme logs a console error on a first visit
+
+
+# --- top-level names (jsm.fit, jsm.score_of, ...) link to their entries in their home modules -----------
+
+
+def _top_level_name(app, env, node, contnode):
+    import jsm
+
+    target = node.get("reftarget", "")
+    name = target.removeprefix("jsm.")
+    if node.get("refdomain") != "py" or not target.startswith("jsm.") or name not in jsm._FUNCTIONS:
+        return None
+    node["reftarget"] = f"jsm.{jsm._FUNCTIONS[name]}.{name}"
+    return env.get_domain("py").resolve_xref(env, node["refdoc"], app.builder, node["reftype"], node["reftarget"],
+                                             node, contnode)
+
+
+def setup(app):
+    app.connect("missing-reference", _top_level_name)

@@ -66,3 +66,12 @@ def test_every_public_module_has_a_page_in_the_api_reference():
     documented = set(re.findall(r"automodule:: (jsm\.\w+)", "".join(p.read_text() for p in (DOCS / "api").glob("*.md"))))
     modules = {f"jsm.{n}" for n in jsm.__all__ if n in jsm._SUBMODULES}
     assert modules <= documented, f"not in docs/api/: {sorted(modules - documented)}"
+
+
+def test_the_readme_quickstart_is_the_code_the_docs_execute():
+    """The README's first Python block is the quickstart page's first cell (which the docs build runs),
+    but for the last line: the README saves the figure, the page shows it."""
+    readme = re.search(r"```python\n(.*?)```", (DOCS.parent / "README.md").read_text(), re.S).group(1).splitlines()
+    page = re.search(r"```\{code-cell\} python\n(.*?)```", (DOCS / "quickstart.md").read_text(), re.S).group(1).splitlines()
+    assert readme[:-1] == page[:-1]
+    assert readme[-1].replace('plt.savefig("quickstart.png", dpi=120)', "plt.show()") == page[-1]

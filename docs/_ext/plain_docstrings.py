@@ -83,6 +83,15 @@ def _process(app, what, name, obj, options, lines):
     lines[:] = to_rst(lines)
 
 
+def _skip_tuple_fields(app, what, name, obj, skip, options):
+    """A NamedTuple's fields are listed with the class (napoleon's Parameters); their own entries only say
+    "Alias for field number k"."""
+    if (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
+        return True
+    return None
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _process, priority=400)  # before napoleon (500)
+    app.connect("autodoc-skip-member", _skip_tuple_fields)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
