@@ -27,8 +27,8 @@ tour: setup
 # solver's or a Monte Carlo error (likelihood, flow solvers' orders, AIS), run in float32 only.
 X64_FILES = tests/test_targets.py tests/test_sde.py tests/test_diffusion_formulas.py tests/test_ebm_formulas.py \
 	tests/test_metrics.py tests/test_scores.py tests/test_diagnostics.py tests/test_forward.py \
-	tests/test_hessian_diagonal.py
-X64_SKIP = first_layer or identity_seed or folded or chunked or image or Image or folx or networks
+	tests/test_hessian_diagonal.py tests/test_first_layer_seed.py
+X64_SKIP = seeds_the_first_layer or rank_deficient_first_layer or identity_seed or folded or chunked or image or Image or folx or networks
 test: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n auto --dist loadfile --durations=15 $(ARGS)
 	JAX_PLATFORMS=cpu JAX_ENABLE_X64=1 $(PY) -m pytest -q -n auto --dist loadfile -m numerics \

@@ -43,14 +43,38 @@ Jacobian, computed once and shared by the batch (for x @ W: W). `chunk_size` pus
 Jacobian's columns through in blocks (a seed of c rows of I per block, the Laplacian
 summed over blocks), bounding memory by n·c·width instead of n·d·width.
 
-The Laplacian alone (`laplacian_batch`) needs fewer Jacobian rows when x enters fn only
-through z = x W (W: (d, h), not depending on x) and d > h: then f(x) = g(z) and
+The first-layer seed. Where x enters fn only through z = y W, y = x (reshaped at most, or
+concatenated with values that do not depend on x: an MLP on [x, t]), with the (d, h) block W of
+the weights that multiplies x narrower than x (h < d), every jet needs h Jacobian rows, not d.
+fn depends on x only through z, so by the chain rule, for v = fn and w_j the columns of W,
 
-    Δ_x f = Σ_k e_kᵀ W H_g Wᵀ e_k = tr(H_g WᵀW) = Σ_j r_jᵀ H_g r_j
+    ∂v/∂x = Σ_j w_j ∂v/∂z_j,    tr ∂v/∂x = Σ_j w_j · ∂v/∂z_j    (v: (d,) -> (d,)):
 
-for the rows r_j of any R with RᵀR = WᵀW, here W = Q R (reduced QR, R: (h, h)). So the jet
-starts at z with the seed Jacobian R, h rows instead of d: h/d of the Jacobian work. The
-Jacobian is then not ∂/∂x (it is ∂/∂u for z = u R), so only the Laplacian is returned this way.
+a first-order jet (`divergence_batch`, `forward_jet_batch(second_order=False)`) starts at z with
+the seed Jacobian I_h and Laplacian 0 and is mapped back by W. The Laplacian needs the metric:
+Δ_x f = tr(W H_z Wᵀ) = tr(H_z WᵀW). With W = QR (reduced QR, Q: (d, h) orthonormal columns q_j,
+R: (h, h)) and u = Qᵀx, z = u R, so a second-order jet starts at z with the seed Jacobian R (the
+h rows ∂z/∂u_j) and
+
+    ∇_x f = Q ∇_u f,    Δ_x f = tr(Q H_u Qᵀ) = tr(H_u) = Δ_u f:
+
+`forward_jet_batch` back-projects its Jacobian by Q (an (n, d, ...) result as before) and
+`laplacian_batch` keeps Δ_u f. Either way h/d of the Jacobian work, `chunk_size` blocking the h
+rows. `divergence_batch` also moves the contraction before v's trailing affine ops (the last
+layer, v = a W_L + b): Σ_j w_j · (∂a/∂z_j) W_L = Σ_j (w_j W_Lᵀ) · ∂a/∂z_j, so the (n, h, d)
+Jacobian of v is never built (for the d rows of I too: Σ_k e_k W_Lᵀ · ∂a/∂x_k).
+
+The results are differentiable in W, at any rank of W (a zero-initialised first layer, a dead
+unit): the QR is a value only, never differentiated (its derivative solves with R), and the seed
+rows are S = QᵀW, equal to R; as Q Qᵀ W = W at any rank, d(SᵀS) = d(WᵀW), so Δf and its
+derivative are exact. The Jacobian Q ∂f/∂u needs one more term of the derivative, dW ∂f/∂z
+outside the span of Q, added with value zero; ∂f/∂z is a value solved from R ∂f/∂z = ∂f/∂u, or,
+where R's smallest diagonal entry is under `RANK_TOLERANCE` times its largest, taken from a
+first-order jet at z (a `lax.cond` on constants, which keeps no residuals under `jax.grad`).
+The d rows of I run instead (the same answer) when x is used anywhere else (a skip connection,
+x entering twice), when it passes through anything but reshapes and one concatenate before the
+product (a scaling c_in(t) x, a convolution), or when h >= d. The Hessian and Jacobian
+diagonals never seed: the directions mix the coordinates whose own entries are wanted.
 
 `forward_jet` (one example) folds too: under `jax.vmap` it calls `forward_jet_batch` on
 the whole batch (`jax.custom_batching.custom_vmap`), so `jax.vmap(forward_jet(f))` and
@@ -140,13 +164,18 @@ def forward_jet(
 
 
 def forward_jet_batch(
-    fn: Callable[[Array], Array], second_order: bool = True, *, chunk_size: int | None = None
+    fn: Callable[[Array], Array], second_order: bool = True, *, chunk_size: int | None = None,
+    _reduce: bool = True,
 ) -> Callable[[Array], Jet]:
     """xs (n, *shape) -> the jets of fn at every example: value (n, ...), Jacobian (n, *shape, ...), Laplacian (n, ...).
 
     fn acts on ONE example; the batch is carried explicitly, so that a Jacobian
     pushed through a matrix product with constant weights is ONE product of shape
     (n·d, in) x (in, out), and so is its transpose in the parameter gradient.
+    Where x enters fn only through a first dense layer narrower than x, the jet is pushed
+    along h directions and back-projected: ∇_x = Q ∇_u (W = QR), or with `second_order=False`
+    ∂/∂x = W ∂/∂z (the first-layer seed, see the module docstring); `_reduce=False` keeps the
+    d rows of I (tests, benchmarks).
 
     Args:
       fn: a function of ONE example, of shape (d,) or any other (`shape`), returning one array.
@@ -159,35 +188,40 @@ def forward_jet_batch(
     """
     _chunk_size(chunk_size)
 
-    def jets(xs: Array) -> Jet:
-        def block(out: Jet, rows: Array):
-            return out.value, out.laplacian, out.jacobian
+    def block(out: Jet, rows: Array, _):  # the Jacobian's rows in order (`_by_blocks` maps them to x)
+        return out.value, out.laplacian, out.jacobian
 
+    def jets(xs: Array) -> Jet:
         shape = _validate.example_shape("xs", xs)
-        value, laplacian, jacobian = _by_blocks(flattened(fn, shape), _rows(xs), second_order, chunk_size, block)
+        value, laplacian, jacobian = _by_blocks(flattened(fn, shape), _rows(xs), second_order, chunk_size, block,
+                                                reduce=_reduce)
         return Jet(value, jacobian.reshape(xs.shape + jacobian.shape[2:]) if len(shape) != 1 else jacobian, laplacian)
 
     return jets
+
+
+def _back_project(directions: Array, jacobian: Array) -> Array:
+    """∂v/∂x = Σ_j q_j ∂v/∂u_j: the rows (n, c, ...) along the directions q_j (rows of `directions`
+    (c, d)) mapped to the d coordinates of x, (n, d, ...). Exact when v depends on x only through
+    Qᵀx: its derivative along anything orthogonal to the q_j is zero."""
+    return jnp.einsum("cd,nc...->nd...", directions.astype(jacobian.dtype), jacobian)
 
 
 def laplacian_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None,
                     _reduce: bool = True) -> Callable[[Array], Array]:
     """xs (n, *shape) -> Δfn(x_i) (n, ...): `forward_jet_batch(fn)(xs).laplacian`, the Jacobian not kept.
 
-    When x enters fn only through one product z = x W with W (d, h) not depending on x (an MLP's
-    first layer, after reshapes of x at most) and h < d, the jet starts at z with the h rows of
-    R, W = Q R, instead of the d rows of I (Δf = tr(H_g WᵀW) = tr(H_g RᵀR)): h/d of the Jacobian
-    work, and `chunk_size` blocks R's h rows. The result is differentiable in W through the QR,
-    whose derivative solves with R; a W that is rank-deficient or nearly so (R's smallest
-    diagonal entry under `RANK_TOLERANCE` times its largest: a zero-initialised first layer, say)
-    takes the d rows of I instead, at run time (`lax.cond`; both paths are compiled).
-    `_reduce=False` keeps the d rows of I (for tests and benchmarks).
+    Where x enters fn only through a first dense layer z = y W narrower than x (the module
+    docstring's first-layer seed), the jet starts at z with the h rows of R, W = Q R, instead of
+    the d rows of I (Δf = tr(H_u) for u = Qᵀx): h/d of the Jacobian work, and `chunk_size` blocks
+    R's h rows. Exact, with its derivative in W, at any rank of W (the seed rows are S = QᵀW, the
+    QR a value only). `_reduce=False` keeps the d rows of I (for tests and benchmarks).
     """
     _chunk_size(chunk_size)
 
     def lap(xs: Array) -> Array:
         flat = flattened(fn, _validate.example_shape("xs", xs))
-        return _by_blocks(flat, _rows(xs), True, chunk_size, lambda out, rows: (out.value, out.laplacian, None),
+        return _by_blocks(flat, _rows(xs), True, chunk_size, lambda out, rows, _: (out.value, out.laplacian, None),
                           reduce=_reduce)[1]
 
     return lap
@@ -221,7 +255,7 @@ def hessian_diagonal_batch(fn: Callable[[Array], Array], *, chunk_size: int | No
     _chunk_size(chunk_size)
 
     def jets(xs: Array) -> DiagonalJet:
-        def block(out: Jet, rows: Array):
+        def block(out: Jet, rows: Array, _):
             return out.value, None, jnp.stack([out.jacobian, out.laplacian], axis=2)  # (n, c, 2, ...)
 
         shape = _validate.example_shape("xs", xs)
@@ -245,7 +279,7 @@ def jacobian_diagonal_batch(fn: Callable[[Array], Array], *, chunk_size: int | N
     _chunk_size(chunk_size)
 
     def both(xs: Array) -> tuple[Array, Array]:
-        def block(out: Jet, rows: Array):
+        def block(out: Jet, rows: Array, _):
             return out.value, None, jnp.einsum("ncd,cd->nc", out.jacobian, rows)
 
         flat = flattened(fn, _validate.example_shape("xs", xs), vector="fn")
@@ -255,24 +289,30 @@ def jacobian_diagonal_batch(fn: Callable[[Array], Array], *, chunk_size: int | N
     return both
 
 
-def divergence_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None) -> Callable[[Array], tuple[Array, Array]]:
+def divergence_batch(fn: Callable[[Array], Array], *, chunk_size: int | None = None,
+                     _reduce: bool = True) -> Callable[[Array], tuple[Array, Array]]:
     """xs (n, *shape) -> (v(x_i) (n, *shape), tr ∂v/∂x (x_i) (n,)) for v = fn: shape -> shape, by a first-order jet.
 
-    tr ∂v/∂x = Σ_k ∂v_k/∂x_k over all d = prod(shape) entries. Each block of c Jacobian columns
-    (rows e_k of I) contributes Σ_k e_k · ∂v/∂x_k, so with `chunk_size` the (n, d, d) Jacobian is
-    never held whole: memory n·c·width per layer.
+    tr ∂v/∂x = Σ_k ∂v_k/∂x_k over all d = prod(shape) entries. Each block of c Jacobian rows
+    contributes Σ_j w_j · ∂v/∂(row j): the rows e_k of I at x, or, where x enters v only through a
+    first dense layer z = x W narrower than x, the rows of I_h at z with w_j the columns of W (the
+    first-layer seed: h rows, no QR, any rank). With `chunk_size` the (n, d, d) Jacobian is never
+    held whole: memory n·c·width per layer. Where v ends in affine ops (v = a W_L + b), the
+    contraction with q_j is moved before them (Σ_j (W_L q_j) · ∂a/∂q_j): the output's Jacobian
+    is never built. `_reduce=False` keeps the d rows of I (tests, benchmarks).
     """
     _chunk_size(chunk_size)
 
     def both(xs: Array) -> tuple[Array, Array]:
-        def block(out: Jet, rows: Array):
-            return out.value, jnp.einsum("ncd,cd->n", out.jacobian, rows), None
-
         flat = flattened(fn, _validate.example_shape("xs", xs), vector="fn")
-        value, div, _ = _by_blocks(flat, _rows(xs), False, chunk_size, block)
+        value, div, _ = _by_blocks(flat, _rows(xs), False, chunk_size, _TRACE, reduce=_reduce)
         return value.reshape(xs.shape), div
 
     return both
+
+
+# `block=_TRACE`: keep v and Σ_j w_j · ∂v/∂(row j) (a trace), contracted before v's trailing affine ops.
+_TRACE = "trace"
 
 
 def _chunk_size(chunk_size) -> None:
@@ -310,14 +350,17 @@ def _rows(xs: Array) -> Array:
 def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block, *, reduce: bool = False):
     """Push the jet of fn at xs (n, d) along the d columns of I, all at once or `chunk_size` at a time.
 
-    block(out, rows) -> (value, summed, stacked): what one pass along the rows (c, d) of I keeps,
-    with `summed` (n, ...) added over blocks (Laplacians, traces) and `stacked` (n, c, ...)
-    joined along its axis 1 (Jacobians); either may be None.
+    block(out, rows, directions) -> (value, summed, stacked): what one pass along the rows (c, d)
+    of I keeps, with `summed` (n, ...) added over blocks (Laplacians, traces) and `stacked`
+    (n, c, ...) joined along its axis 1 (Jacobians); either may be None. `directions` is None on
+    this path (the Jacobian's rows are ∂/∂x_k along `rows`). `block=_TRACE` keeps
+    (v, Σ_j w_j · ∂_j v, None).
 
-    `reduce` (the Laplacian only: `summed` must not depend on the basis): where x enters fn only
-    through z = x W with fewer columns h than d (`_input_product`), the jet starts at z along the
-    h rows of R, W = Q R, instead; `rows` are then rows of R, and Jacobians are along them. A W
-    whose R has a diagonal entry under RANK_TOLERANCE of its largest keeps the d rows of I.
+    `reduce`: where x enters fn only through z = x W with fewer columns h than d
+    (`_input_product`), the jet starts at z along h rows instead. First order: the rows of I_h
+    (∂/∂z_j), block's `directions` the columns w_j of W (∂v/∂x = Σ_j w_j ∂v/∂z_j). Second order:
+    the rows of S = QᵀW (= R, W = QR), block's `directions` the columns q_j of Q, and a `stacked`
+    Jacobian (along S's rows, ∂/∂u_j for u = Qᵀx) is returned in x's coordinates (`_to_x`).
     """
     n, d = xs.shape
     closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((d,), xs.dtype))
@@ -325,72 +368,225 @@ def _by_blocks(fn, xs: Array, second_order: bool, chunk_size: int | None, block,
         raise ValueError(f"fn must return one array, got {len(closed.jaxpr.outvars)} outputs")
     product = _input_product(closed.jaxpr, d) if reduce else None
     if product is None:
-        return _push_rows(closed, xs, second_order, chunk_size, block, None, jnp.eye(d, dtype=xs.dtype))
+        return _push_rows(closed, xs, second_order, chunk_size, block, None, jnp.eye(d, dtype=xs.dtype), None)
     w = _product_matrix(closed, *product, d)
-    # QR's derivative solves with R: at a (nearly) rank-deficient W it is not finite, or not accurate.
-    # Such a W takes the d rows of I, whose derivative solves nothing. lax.cond runs one branch, and
-    # the differentiated QR lives inside its branch, so the other's derivative is never formed.
-    return jax.lax.cond(
-        _full_rank(w),
-        lambda: _push_rows(closed, xs, second_order, chunk_size, block, product,
-                           jnp.linalg.qr(w, mode="r")),  # (h, h), RᵀR = WᵀW
-        lambda: _push_rows(closed, xs, second_order, chunk_size, block, None, jnp.eye(d, dtype=xs.dtype)))
+    eye_h = jnp.eye(w.shape[1], dtype=w.dtype)
+    if not second_order:  # the chain rule alone, ∂/∂x = W ∂/∂z: the jet starts at z along I_h, no QR
+        return _push_rows(closed, xs, second_order, chunk_size, block, product, eye_h, w.T)
+    # The QR is a value only, never differentiated (its derivative solves with R: not finite at a
+    # rank-deficient W). S = QᵀW equals R, and as Q Qᵀ W = W at any rank, d(SᵀS) = d(WᵀW): the
+    # Laplacian tr(H_z SᵀS) and its derivative in W are exact whatever W's rank.
+    q, r = _householder_qr(jax.lax.stop_gradient(w))
+    value, summed, jacobian = _push_rows(closed, xs, second_order, chunk_size, block, product, q.T @ w, q.T)
+    if jacobian is None:
+        return value, summed, None
+
+    def z_gradient():  # ∂v/∂z (n, h, ...) as a value: from R ∂v/∂z = ∂v/∂u, or at a (nearly)
+        # rank-deficient W by a first-order jet from z along I_h. Its operands are constants, so the
+        # cond is never differentiated and keeps no residuals of its branches.
+        consts, points, along_u = jax.lax.stop_gradient((closed.consts, xs, jacobian))
+        by_jet = lambda: _push_rows(jcore.ClosedJaxpr(closed.jaxpr, consts), points, False, chunk_size,
+                                    lambda out, rows, _: (out.value, None, out.jacobian), product, eye_h, None)[2]
+        return jax.lax.cond(_independent(r), lambda: _solve_rows(r, along_u), by_jet)
+
+    return value, summed, _to_x(jacobian, w, q, z_gradient())
 
 
-# The first-layer seed is used when R's smallest diagonal entry exceeds this fraction of its largest.
+# The seed's QR and solve are written in XLA's own ops, never LAPACK's: on CPU those are custom calls
+# into a BLAS whose worker threads keep spinning after the call and fight XLA's for the cores (the
+# ISM step at d = 512 ran 5x slower, 2 cores). h steps of O(d h) each: cheap beside the jet.
+
+
+def _householder_qr(w: Array) -> tuple[Array, Array]:
+    """(Q (d, h), R (h, h)) with W = QR, Q's columns orthonormal, R upper triangular, for W (d, h),
+    d >= h, by h Householder reflections; a zero column of W gives a zero diagonal entry of R."""
+    d, h = w.shape
+    rows = jnp.arange(d)
+
+    def reflect(j, carry):  # the reflector I - 2 v vᵀ that zeroes column j of a below its diagonal
+        a, vs = carry
+        x = jnp.where(rows >= j, a[:, j], 0)
+        alpha = -jnp.where(x[j] < 0, -1, 1) * jnp.sqrt(x @ x)
+        v = x.at[j].add(-alpha)
+        norm = jnp.sqrt(v @ v)
+        v = jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1), 0)
+        return a - 2 * jnp.outer(v, v @ a), vs.at[j].set(v)
+
+    a, vs = jax.lax.fori_loop(0, h, reflect, (w, jnp.zeros((h, d), w.dtype)))
+
+    def apply(i, q):  # Q = H_0 ... H_{h-1} [I_h; 0], the reflectors applied last to first
+        v = vs[h - 1 - i]
+        return q - 2 * jnp.outer(v, v @ q)
+
+    return jax.lax.fori_loop(0, h, apply, jnp.eye(d, h, dtype=w.dtype)), jnp.triu(a[:h])
+
+
+def _solve_rows(r: Array, jacobian: Array) -> Array:
+    """g (n, h, ...) with R g = J along axis 1, R (h, h) upper triangular, by back substitution."""
+    n, h = jacobian.shape[:2]
+    b = jnp.moveaxis(jacobian.reshape(n, h, -1), 1, 0).reshape(h, -1)
+    r = r.astype(b.dtype)
+
+    def substitute(i, g):  # row k = h - 1 - i, the rows below it known
+        k = h - 1 - i
+        return g.at[k].set((b[k] - r[k] @ g) / r[k, k])
+
+    g = jax.lax.fori_loop(0, h, substitute, jnp.zeros_like(b))
+    return jnp.moveaxis(g.reshape(h, n, -1), 0, 1).reshape(jacobian.shape)
+
+
+def _to_x(jacobian: Array, w: Array, q: Array, z_gradient: Array) -> Array:
+    """∂v/∂x (n, d, ...) from J = ∂v/∂u (n, h, ...), the jet along the rows of S = QᵀW: Q J in value.
+
+    Its derivative in W must be dW ∂v/∂z + W d(∂v/∂z). Q J = Q S ∂v/∂z carries Q Qᵀ dW ∂v/∂z +
+    W d(∂v/∂z) (Q a constant); the rest, (I - Q Qᵀ) dW ∂v/∂z, W's columns turning out of their
+    span, comes with a term whose value is zero, ∂v/∂z (`z_gradient`) a constant."""
+    dw = w - jax.lax.stop_gradient(w)  # zero, with W's derivative
+    turn = dw - q @ (q.T @ dw)
+    return _back_project(q.T, jacobian) + _back_project(turn.T, z_gradient.astype(jacobian.dtype))
+
+
+# ∂v/∂z comes from ∂v/∂u by a solve with R when R's smallest diagonal entry exceeds this fraction of
+# its largest; otherwise from a first-order jet at z (`forward_jet_batch`'s derivative in W only).
 RANK_TOLERANCE = 1e-3
+
+
+def _independent(r: Array) -> Array:
+    """Whether R's (h, h) diagonal entries all exceed RANK_TOLERANCE times the largest; no derivative."""
+    diag = jnp.abs(jnp.diagonal(jax.lax.stop_gradient(r)))
+    return jnp.min(diag) > RANK_TOLERANCE * jnp.max(diag)
 
 
 def _full_rank(w: Array) -> Array:
     """Whether W (d, h) has h independent columns to RANK_TOLERANCE (its R's diagonal); no derivative."""
-    diag = jnp.abs(jnp.diagonal(jnp.linalg.qr(jax.lax.stop_gradient(w), mode="r")))
-    return jnp.min(diag) > RANK_TOLERANCE * jnp.max(diag)
+    return _independent(_householder_qr(jax.lax.stop_gradient(w))[1])
 
 
-def _push_rows(closed, xs: Array, second_order: bool, chunk_size: int | None, block, product, basis: Array):
+def _push_rows(closed, xs: Array, second_order: bool, chunk_size: int | None, block, product, basis: Array,
+               directions: Array | None):
     """The jet of the closed jaxpr at xs (n, d) along the rows of `basis` (m, d) — or, with `product`,
-    seeded at z = x W along the rows of `basis` (m, h) — all at once or `chunk_size` rows at a time."""
+    seeded at z = x W along the rows of `basis` (m, h), the directions in x of its rows being those
+    of `directions` (m, d) — all at once or `chunk_size` rows at a time."""
     n = xs.shape[0]
 
-    def columns(rows: Array):
+    def columns(rows: Array, dirs: Array | None):
         if product is None:
             curvature = _Seed(jnp.zeros_like(rows)) if second_order == DIAGONAL else jnp.zeros_like(xs)
             seed = Jet(xs, _Seed(rows), curvature if second_order else None)
-            (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order)
+            seed_at = None
         else:  # x's own Jacobian is never used: the jet is seeded at z = x W with `rows`
-            seed = Jet(xs, None, None)
-            (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order, seed_at=(*product, rows))
-        return block(_output(out, n, rows.shape[0], second_order), rows)
+            seed, seed_at = Jet(xs, None, None), (*product[:2], rows)
+        if block is _TRACE:
+            return (*_traced(closed, seed, seed_at, rows if dirs is None else dirs, n), None)
+        (out,) = _interpret(closed.jaxpr, closed.consts, [seed], second_order, seed_at)
+        return block(_output(out, n, rows.shape[0], second_order), rows, dirs)
 
     m = basis.shape[0]
     c = m if chunk_size is None else min(chunk_size, m)
     if c == m:
-        return columns(basis)
+        return columns(basis, directions)
     blocks = -(-m // c)  # the last block padded with zero rows: zero columns, nothing summed
-    padded = jnp.pad(basis, ((0, blocks * c - m), (0, 0)))
-    value, summed, stacked = jax.lax.map(jax.checkpoint(columns), padded.reshape(blocks, c, -1))
+    pad = lambda a: None if a is None else jnp.pad(a, ((0, blocks * c - m), (0, 0))).reshape(blocks, c, -1)
+    value, summed, stacked = jax.lax.map(lambda b: jax.checkpoint(columns)(*b), (pad(basis), pad(directions)))
     if stacked is not None:
         stacked = jnp.moveaxis(stacked, 0, 1)  # (n, blocks, c, ...)
         stacked = stacked.reshape((n, blocks * c) + stacked.shape[3:])[:, :m]
     return value[0], None if summed is None else jnp.sum(summed, axis=0), stacked
 
 
-def _input_product(jaxpr, d: int) -> tuple[int, int] | None:
-    """(i, k) when x, the jaxpr's one input (d,), enters it only through eqns[i], a dot_general that
-    contracts all of x's entries (x reshaped at most, its operand k) with an operand that does not
-    depend on x, into h < d outputs; else None. A Python walk over the jaxpr: it binds nothing.
+def _traced(closed, seed: Jet, seed_at, directions: Array, n: int) -> tuple[Array, Array]:
+    """(v (n, d), Σ_j w_j · ∂_j v (n,)) by a first-order jet, ∂_j the seed's Jacobian row j and w_j
+    its direction in x, the rows of `directions` (c, d).
 
-    Each of x's uses must be its only one: x, then any reshapes of it, then the product. So every
-    other equation before eqns[i] is independent of x, and so is the product's other operand."""
-    var, eqns = jaxpr.invars[0], jaxpr.eqns
+    When v ends in a chain of ops affine in one x-dependent operand y (v = L(y) + b: the last
+    layer, its bias, reshapes), Σ_j w_j · L(∂_j y) = Σ_j Lᵀ(w_j) · ∂_j y: Lᵀ(w_j) is formed once
+    for the batch (c transposed passes of L), and the (n, c, d) Jacobian of v never is."""
+    jaxpr = closed.jaxpr
+    tail = _linear_tail(jaxpr, None if seed_at is None else seed_at[0])
+    read = _evaluate(jaxpr, closed.consts, [seed], False, seed_at, skip={i for i, _ in tail})
+    if tail:
+        y = read(jaxpr.eqns[tail[0][0]].invars[tail[0][1]])
+        operands = [(i, [None if j == k else read(v) for j, v in enumerate(jaxpr.eqns[i].invars)]) for i, k in tail]
+        if isinstance(y, Jet) and not any(isinstance(a, Jet) for _, ops in operands for a in ops):
+            return _traced_tail(jaxpr, tail, operands, y, directions, n)
+        for (i, _), (_, ops) in zip(tail, operands):  # an operand depends on x after all: push it through
+            (out,) = _push_batch(jaxpr.eqns[i], [read(v) for v in jaxpr.eqns[i].invars], False)
+            read.env[jaxpr.eqns[i].outvars[0]] = out
+    out = _output(read(jaxpr.outvars[0]), n, directions.shape[0], False)
+    return out.value, jnp.einsum("ncd,cd->n", out.jacobian, directions.astype(out.jacobian.dtype))
+
+
+def _traced_tail(jaxpr, tail, operands, y: Jet, directions: Array, n: int) -> tuple[Array, Array]:
+    """`_traced` through the affine chain `tail` from y to v: v by the chain, the trace by Lᵀ(q_j)."""
+    def chain(a: Array) -> Array:  # ONE example's y -> v; the chain's other operands are constants
+        for (i, k), (_, ops) in zip(tail, operands):
+            (a,) = _bind(jaxpr.eqns[i], _substitute(ops, [k], [a]))
+        return a
+
+    value = jax.vmap(chain)(y.value)
+    zero = jnp.zeros(y.value.shape[1:], y.value.dtype)
+    linear = lambda t: jax.jvp(chain, (zero,), (t,))[1]  # L, the chain's linear part
+    pulled = jax.vmap(lambda q: jax.linear_transpose(linear, zero)(q)[0])(directions.astype(value.dtype))  # (c, *y)
+    if y.jacobian is None:
+        return value, jnp.zeros((n,), value.dtype)
+    if isinstance(y.jacobian, _Seed):  # shared by the batch: one contraction
+        return value, jnp.broadcast_to(jnp.sum(y.jacobian.rows * pulled), (n,))
+    return value, y.jacobian.reshape(n, -1) @ pulled.reshape(-1)
+
+
+def _linear_tail(jaxpr, stop: int | None) -> list[tuple[int, int]]:
+    """[(i, k), ...], in order: the equations that end the jaxpr in a chain y -> ... -> output, each
+    affine in its operand k (the one that depends on x, a float used by it alone), with one output;
+    [] if the output is not made so. Equation `stop` (the seeded product) never belongs to it."""
+    dependent, uses, producer = set(jaxpr.invars), {}, {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                uses[v] = uses.get(v, 0) + 1
+        if any(not isinstance(v, jcore.Literal) and v in dependent for v in eqn.invars):
+            dependent.update(eqn.outvars)
+        producer.update((o, i) for o in eqn.outvars)
+    var, tail = jaxpr.outvars[0], []
+    if isinstance(var, jcore.Var) and uses.get(var, 0):  # v also feeds other equations: they need it whole
+        return []
+    while isinstance(var, jcore.Var) and var in producer and producer[var] != stop:
+        i = producer[var]
+        eqn = jaxpr.eqns[i]
+        ks = [k for k, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal) and v in dependent]
+        if len(eqn.outvars) != 1 or len(ks) != 1 or not _affine_in(eqn, ks) or not _differentiable(eqn):
+            break
+        operand = eqn.invars[ks[0]]
+        if uses.get(operand, 0) != 1 or operand in jaxpr.outvars or not jnp.issubdtype(operand.aval.dtype, jnp.inexact):
+            break
+        tail.insert(0, (i, ks[0]))
+        var = operand
+    return tail
+
+
+def _input_product(jaxpr, d: int) -> tuple[int, int, tuple | None] | None:
+    """(i, k, part) when x, the jaxpr's one input (d,), enters it only through eqns[i], a dot_general
+    that contracts all the entries of its operand k, y, with an operand that does not depend on x,
+    into h < d outputs; else None. y is x reshaped at most, part None; or x (reshaped at most)
+    concatenated with operands that do not depend on x (an MLP on [x, t]), part = (axis, start,
+    stop), x's slice of y. A Python walk over the jaxpr: it binds nothing.
+
+    Each of x's uses must be its only one: x, then any reshapes of it, [a concatenate,] then the
+    product. So every other equation before eqns[i] is independent of x, and so are the product's
+    other operand and the concatenate's."""
+    var, eqns, part = jaxpr.invars[0], jaxpr.eqns, None
     while not any(v is var for v in jaxpr.outvars):
         uses = [(i, k) for i, eqn in enumerate(eqns) for k, v in enumerate(eqn.invars) if v is var]
         if len(uses) != 1:
             return None
         i, k = uses[0]
         eqn = eqns[i]
-        if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is None:
+        if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is None and part is None:
             var = eqn.outvars[0]
+            continue
+        if eqn.primitive.name == "concatenate" and part is None:
+            axis = eqn.params["dimension"]
+            start = sum(v.aval.shape[axis] for v in eqn.invars[:k])
+            var, part = eqn.outvars[0], (axis, start, start + var.aval.shape[axis])
             continue
         if eqn.primitive.name != "dot_general":
             return None
@@ -399,15 +595,15 @@ def _input_product(jaxpr, d: int) -> tuple[int, int] | None:
             contract = other_contract
         h = math.prod(eqn.outvars[0].aval.shape)
         full = sorted(contract) == list(range(len(var.aval.shape))) and not batch
-        return (i, k) if full and h < d and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact) else None
+        return (i, k, part) if full and h < d and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact) else None
     return None
 
 
-def _product_matrix(closed, i: int, k: int, d: int) -> Array:
-    """W (d, h) of the product z = x W at eqns[i] (`_input_product`): its rows indexed by x's d
-    entries in row-major order, its columns by z's entries in row-major order. The equations
-    before eqns[i] that do not depend on x are evaluated (under jit they are the same values the
-    interpreter computes)."""
+def _product_matrix(closed, i: int, k: int, part: tuple | None, d: int) -> Array:
+    """W (d, h) of the product z = y W at eqns[i] (`_input_product`) as a map of x: its rows indexed by
+    x's d entries in row-major order (x's `part` of y's rows), its columns by z's entries in row-major
+    order. The equations before eqns[i] that do not depend on x are evaluated (under jit they are the
+    same values the interpreter computes)."""
     jaxpr, eqn = closed.jaxpr, closed.jaxpr.eqns[i]
     env = dict(zip(jaxpr.constvars, closed.consts))
     known = lambda v: isinstance(v, jcore.Literal) or v in env
@@ -417,11 +613,14 @@ def _product_matrix(closed, i: int, k: int, d: int) -> Array:
     w_var = eqn.invars[1 - k]
     w = w_var.val if isinstance(w_var, jcore.Literal) else env[w_var]
     (lhs, rhs), _ = eqn.params["dimension_numbers"]
-    x_axes, w_axes = (lhs, rhs) if k == 0 else (rhs, lhs)
-    paired = dict(zip(x_axes, w_axes))
-    # dot_general's output: the free axes of the lhs, then of the rhs; x has none, so W's in order.
-    order = [paired[a] for a in range(len(x_axes))] + [a for a in range(jnp.ndim(w)) if a not in w_axes]
-    return jnp.transpose(w, order).reshape(d, -1)
+    y_axes, w_axes = (lhs, rhs) if k == 0 else (rhs, lhs)
+    paired = dict(zip(y_axes, w_axes))
+    # dot_general's output: the free axes of the lhs, then of the rhs; y has none, so W's in order.
+    order = [paired[a] for a in range(len(y_axes))] + [a for a in range(jnp.ndim(w)) if a not in w_axes]
+    w = jnp.transpose(w, order)  # y's axes, then z's
+    if part is not None:  # the rows that multiply x's entries of y = [..., x, ...]
+        w = jax.lax.slice_in_dim(w, part[1], part[2], axis=part[0])
+    return w.reshape(d, -1)
 
 
 def folded(make: Callable[[Callable], Callable], fn: Callable[[Array], Array]) -> Callable[[Array], object]:
@@ -493,27 +692,42 @@ def _interpret(jaxpr, consts, args, second_order: bool, seed_at: tuple | None = 
     seed_at (i, k, rows): eqns[i] is the product z = x W of `_input_product`, its operand k
     x-dependent: z's jet is seeded there with the Jacobian `rows` (c, h), shared by the batch,
     and Laplacian 0 (z is linear in x)."""
-    env = {}
+    read = _evaluate(jaxpr, consts, args, second_order, seed_at)
+    return [read(v) for v in jaxpr.outvars]
 
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+class _Reader:
+    """The values of a jaxpr's variables after `_evaluate`: read(v), literals included."""
+
+    def __init__(self, env: dict):
+        self.env = env
+
+    def __call__(self, v):
+        return v.val if isinstance(v, jcore.Literal) else self.env[v]
+
+
+def _evaluate(jaxpr, consts, args, second_order: bool, seed_at: tuple | None = None, skip=frozenset()) -> _Reader:
+    """`_interpret`'s loop, the equations in `skip` left out (`_traced` finishes them its own way)."""
+    read = _Reader({})
 
     def write(v, value):
         if not isinstance(v, jcore.DropVar):
-            env[v] = value
+            read.env[v] = value
 
     for v, value in zip(jaxpr.constvars, consts):
         write(v, value)
     for v, value in zip(jaxpr.invars, args):
         write(v, value)
     for i, eqn in enumerate(jaxpr.eqns):
+        if i in skip:
+            continue
         if seed_at is not None and i == seed_at[0]:
             outs = _seeded_product(eqn, [read(v) for v in eqn.invars], *seed_at[1:], second_order)
         else:
             outs = _push_batch(eqn, [read(v) for v in eqn.invars], second_order)
         for v, value in zip(eqn.outvars, outs):
             write(v, value)
-    return [read(v) for v in jaxpr.outvars]
+    return read
 
 
 def _seeded_product(eqn, inputs: list, k: int, rows: Array, second_order: bool) -> list[Jet]:

@@ -10,8 +10,14 @@ with π the SDE's prior standing in for p_T (`prior_log_prob`: the prior mismatc
 log π(x_T) - log p_T(x_T) is the only error besides the solver's). x and the integral are
 solved jointly by diffrax's adaptive Tsit5.
 
-The divergence is EXACT by default: one forward jet of v (`jsm.forward`, value and d x d
-Jacobian in one pass for d = prod(x.shape)), so the answer is deterministic and needs no key.
+The divergence is EXACT by default: forward jets (`jsm.forward`, value and Jacobian in one pass
+for d = prod(x.shape)), so the answer is deterministic and needs no key. v is split as
+div v = div f - g² div s / 2, so that the score network is seen alone: where x enters s only
+through a dense first layer z = y W of width h < d (y = x, or [x, features of t]), the jet
+starts at z and pushes h directions instead of the d columns of I (the first-layer seed), and the last
+layer's (d x d) Jacobian is never built. A network that scales x before its first layer or
+adds a skip in x (experiments/mnist.py's preconditioned `NoiseConditionalScore`: c_in(t) x,
+and -x / (σ² + σ_d²)) keeps the d columns of I; the answer is the same either way.
 score_sde (and libraries copied from it) estimate it with ONE Hutchinson probe u, u^T (∂v/∂x) u,
 drawn once per path: unbiased for the integral, but log p is then a random variable whose
 spread, of order sqrt(2 Σ_{i≠j} J_ij²) integrated over t, shows up as bits/dim that change
@@ -58,11 +64,33 @@ def divergence_fn(vector_fn, trace: str = "exact", probes: Array | None = None):
     return both
 
 
+def _field_and_divergence(s, sde: SDE, t, trace: str, probes: Array | None):
+    """x -> (v(x, t), div v(x, t)) for the probability-flow field v = f - g² s / 2 (`ode_drift`).
+
+    "exact": div v = div f - g(t)² div s / 2, each term by its own jet, so that the score network
+    is seen alone: where x enters s only through a first dense layer narrower than x (after a
+    concatenate with t's features at most), its divergence takes the first-layer seed
+    (`jsm.forward`); the drift f, linear in x, costs one contraction shared by the batch. x used
+    anywhere else in s (a scaling by c_in(t), a skip -x/σ²) keeps the d rows of I, the same answer.
+    """
+    if trace != "exact":
+        return divergence_fn(lambda z: ode_drift(s, sde, z, t), trace, probes)
+    drift = divergence_fn(lambda z: sde.drift(z, t))
+    score = divergence_fn(lambda z: s(z, t))
+    scale = 0.5 * sde.diffusion(t) ** 2
+
+    def both(x: Array) -> tuple[Array, Array]:
+        (f, div_f), (score_x, div_s) = drift(x), score(x)
+        return f - scale * score_x, div_f - scale * div_s
+
+    return both
+
+
 @functools.partial(jax.jit, static_argnames=("score_fn", "trace", "max_steps"))
 def _flow_with_divergence(score_fn, sde, xs, y, w, args, probes, t_min, rtol, atol, trace, max_steps):
     def one(x, label, u):
         s = _score(score_fn, label, w, args)
-        field = lambda t, state: divergence_fn(lambda z: ode_drift(s, sde, z, t), trace, u)(state[0])
+        field = lambda t, state: _field_and_divergence(s, sde, t, trace, u)(state[0])
         (x_T, integral), info = solve_ode(field, (x, jnp.zeros((), x.dtype)), t_min, sde.T,
                                           rtol=rtol, atol=atol, max_steps=max_steps)
         return x_T, integral, info
@@ -129,7 +157,8 @@ def log_prob(
       score_fn: s(x, t, *args) (or s(x, t, y, *args) with `y`), one example of any shape.
       sde: the forward SDE.
       xs: (n, *shape) points, finite.
-      trace: "exact" (the forward jet; deterministic; `key` is ignored) or "hutchinson"
+      trace: "exact" (the forward jet, with the first-layer seed where the network allows it,
+        see the module docstring; deterministic; `key` is ignored) or "hutchinson"
         (`n_probes` Rademacher probes per example, fixed along its path; needs `key`).
       key: PRNG key for the Hutchinson probes.
       n_probes: Hutchinson probes per example, >= 1.

@@ -24,7 +24,10 @@ Exact methods (`EXACT_METHODS`); every exact function takes `method="auto"` by d
   "auto"    the fastest, as measured by experiments/bench/trace_cost.py (batch 256,
             3 x 128 MLPs, d = 2 to 512): "forward". For Laplacians of an energy it is
             3-7x faster than "jacfwd"; for the divergence of a vector field all three
-            cost d JVPs and stay within about 25% of each other, in no stable order.
+            cost d JVPs and stay within about 25% of each other, in no stable order —
+            except where the network's first layer is dense and narrower than x (h < d):
+            "forward" then pushes h directions instead of d (the first-layer seed,
+            `jsm.forward`) and never builds the last layer's Jacobian.
 
 An energy model and a score network are two different calls, because only the energy
 gives the cheap route: for s = -∇f, one second-order forward jet of f yields s and
@@ -65,7 +68,9 @@ PROBES = ("rademacher", "gaussian")
 
 
 def score_of(energy: EnergyFn) -> VectorFn:
-    """s(x) = -∇f(x), the score of exp(-f(x)) / Z, for ONE example x of any shape (s(x) has x's shape).
+    """s(x, *args) = -∇_x f(x, *args), the score of exp(-f(x)) / Z, for ONE example x of any shape
+    (s has x's shape); further arguments (network parameters) are passed on, so `score_of(f)` serves
+    a kernel whose parameters arrive through `run_chains(..., args=...)`.
 
     A plain function of x: an exact trace of it differentiates -∇f's own graph. For
     s and tr ∂s/∂x = -Δf from one forward pass of f, call
@@ -73,9 +78,9 @@ def score_of(energy: EnergyFn) -> VectorFn:
     """
     grad_f = jax.grad(_validate.scalar_valued("energy", energy))
 
-    def score(x: Array) -> Array:
+    def score(x: Array, *args) -> Array:
         _validate.example("x", x)
-        return -grad_f(x)
+        return -grad_f(x, *args)
 
     return score
 
@@ -100,7 +105,9 @@ def batch_value_and_divergence(
     "forward", one first-order forward jet (value and Jacobian). The trace runs over all
     d = prod(shape) entries. For the score of an energy use `batch_score_and_divergence_of_energy`,
     several times cheaper. `chunk_size` ("forward" only): push the Jacobian's columns in blocks
-    of this many, bounding memory at large d (`jsm.forward.divergence_batch`).
+    of this many, bounding memory at large d (`jsm.forward.divergence_batch`). Where x enters v
+    only through a dense first layer z = x W of width h < d, "forward" pushes h directions
+    (tr ∂v/∂x = Σ_j w_j · ∂v/∂z_j, w_j the columns of W), the first-layer seed of `jsm.forward`.
     """
     exact = resolve_method(method)
     _chunk_for(exact, chunk_size)
@@ -125,7 +132,9 @@ def batch_score_and_divergence_of_energy(
     summed over all d = prod(shape) entries of x. With "forward" ("auto"), ONE second-order
     forward jet of f gives ∇f and Δf together, without building the gradient's graph. Equal to
     `batch_value_and_divergence(score_of(f), method)`, which differentiates -∇f instead.
-    `chunk_size` as in `batch_value_and_divergence`.
+    `chunk_size` as in `batch_value_and_divergence`. Where x enters f only through a dense first
+    layer of width h < d, the jet runs along the h columns of Q (W = QR) and comes back as
+    ∇_x f = Q ∇_u f, Δ_x f = Δ_u f (the first-layer seed of `jsm.forward`).
     """
     exact = resolve_method(method)
     _chunk_for(exact, chunk_size)
@@ -202,7 +211,10 @@ def divergence(vector_fn: VectorFn, method: str = "auto", *, chunk_size: int | N
 
     With "forward", `jax.vmap` of it folds the batch into the jet's matrix products
     (`jsm.forward.folded`): as fast as `batch_value_and_divergence`, also under a `jax.grad`
-    taken outside the vmap.
+    taken outside the vmap. Where the network allows it (x enters v only through a dense first
+    layer z = x W of width h < d), "forward" pushes h directions instead of d, the jet starting at
+    z, and tr ∂v/∂x = Σ_j w_j · ∂v/∂z_j, w_j the columns of W (`jsm.forward`'s first-layer seed);
+    otherwise the d columns of I, the same answer.
 
     Args:
       vector_fn: v, a map shape -> shape for ONE example ((d,), (h, w, c), ...).

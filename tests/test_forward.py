@@ -352,11 +352,11 @@ def _first_layer_nets(d=12, h=5):
 @pytest.mark.numerics
 @pytest.mark.parametrize("case", range(3), ids=["mlp_energy", "tanh_mlp", "tanh_mlp_image"])
 def test_laplacian_seeds_the_first_layer_when_it_is_narrower_than_x(case, key):
-    """x enters f only through z = x W, W (d, h), d = 12 > h = 5: laplacian_batch pushes h rows of R
-    (W = QR) from z instead of d rows of I from x. The result equals tr(jax.hessian), the d-row path
-    (`_reduce=False`), the chunked path (blocks of R's rows, the last one padded) and the vmapped
-    per-example Laplacian, whose jaxprs hold (n·h, ·) products and no (n·d, ·) one; the parameter
-    gradient of the mean Laplacian equals jacfwd's."""
+    """x enters f only through z = x W, W (d, h), d = 12 > h = 5: laplacian_batch pushes h rows of
+    S = QᵀW = R (W = QR) from z instead of d rows of I from x. The result equals tr(jax.hessian), the
+    d-row path (`_reduce=False`), the chunked path (blocks of R's rows, the last one padded) and the
+    vmapped per-example Laplacian, whose jaxprs hold (n·h, ·) products and no (n·d, ·) one; the
+    parameter gradient of the mean Laplacian equals jacfwd's."""
     _, apply, params, shape = _first_layer_nets()[case]
     n, d, h = 4, 12, 5
     xs = jax.random.normal(key, (n, *shape))
@@ -370,11 +370,9 @@ def test_laplacian_seeds_the_first_layer_when_it_is_narrower_than_x(case, key):
     got = jax.jit(lambda p, xs: {k: g(p, xs) for k, g in paths.items()})(params, xs)
     for name, lap in got.items():
         np.testing.assert_allclose(lap, want, rtol=tol(2e-5, 1e-11), atol=tol(2e-5, 1e-11), err_msg=name)
-    for name in ("reduced", "vmapped"):
-        # A lax.cond: the first-layer seed for a W of full rank (branch 1), the d rows otherwise (branch 0).
-        fallback, seeded = _first_layer_cond(jax.make_jaxpr(paths[name])(params, xs).jaxpr).params["branches"]
-        assert n * h in _dot_sizes(seeded.jaxpr) and n * d not in _dot_sizes(seeded.jaxpr), name
-        assert n * d in _dot_sizes(fallback.jaxpr), name
+    for name in ("reduced", "vmapped"):  # no lax.cond: the seed serves a W of any rank
+        sizes = _dot_sizes(jax.make_jaxpr(paths[name])(params, xs).jaxpr)
+        assert n * h in sizes and n * d not in sizes, name
     assert n * d in _dot_sizes(jax.make_jaxpr(paths["d_rows"])(params, xs).jaxpr)
     mean = lambda p, m: jnp.mean(jax.vmap(jsm.laplacian(f(p), m))(xs))
     grads = jax.jit(lambda p: (jax.grad(lambda q: jnp.mean(paths["reduced"](q, xs)))(p), jax.grad(mean)(p, "forward"),
@@ -384,18 +382,11 @@ def test_laplacian_seeds_the_first_layer_when_it_is_narrower_than_x(case, key):
         np.testing.assert_allclose(b, c, rtol=tol(1e-4, 1e-10), atol=tol(1e-5, 1e-12))
 
 
-def _first_layer_cond(jaxpr):
-    """The one `cond` equation in a jaxpr or the jaxprs nested in it."""
-    found = [e for e in jaxpr.eqns if e.primitive.name == "cond" and not e.params.get("branches_platforms")]
-    found += [c for sub in jcore.subjaxprs(jaxpr) if (c := _first_layer_cond(sub)) is not None]
-    assert len(found) <= 1
-    return found[0] if found else None
-
-
 @pytest.mark.numerics
-def test_a_rank_deficient_first_layer_takes_the_d_rows_and_keeps_a_finite_gradient(key):
+def test_a_rank_deficient_first_layer_keeps_the_seed_and_a_finite_gradient(key):
     """W with a zero column (a dead first-layer unit): QR's derivative would divide by R's zero
-    diagonal; the run-time fallback to the d rows of I gives the Hessian's trace and jacfwd's gradient."""
+    diagonal; the seed's QR is a value only (S = QᵀW carries d(WᵀW)), so the seeded Laplacian gives
+    the Hessian's trace and jacfwd's gradient at any rank."""
     _, apply, params, _ = _first_layer_nets()[1]
     params = dict(params, w1=params["w1"].at[2].set(0.0))  # W = w1ᵀ (12, 5) of rank 4
     w = params["w1"].T

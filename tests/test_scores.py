@@ -52,6 +52,10 @@ def test_score_of_energy_is_analytic_score(mixture2, key):
     xs = mixture2.sample(key, 16)
     both = jax.jit(jax.vmap(lambda x: (jsm.score_of(mixture2.energy)(x), mixture2.score(x))))
     np.testing.assert_allclose(*both(xs), rtol=tol(1e-4, 1e-11), atol=tol(1e-5, 1e-12))
+    # Further arguments are passed on (parameters as data): the score of f(x, m) = |x - m|²/2 is m - x.
+    m = jnp.array([0.5, -1.0])
+    np.testing.assert_allclose(jsm.score_of(lambda x, m: 0.5 * jnp.sum((x - m) ** 2))(xs[0], m), m - xs[0],
+                               rtol=tol(1e-6, 1e-12))
 
 
 @pytest.mark.numerics

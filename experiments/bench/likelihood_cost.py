@@ -52,7 +52,7 @@ import numpy as np
 
 import jsm
 from jsm import diffusion, likelihood
-from timing import save, table
+from timing import load_average, save, table
 
 HIDDEN = (64, 64)
 MNIST_HIDDEN = (256, 256)  # experiments/mnist.py's likelihood network
@@ -152,8 +152,10 @@ def per_evaluation(name: str, score, d: int, n: int, probes, reps: int, by_hand=
     t = jnp.asarray(0.5)
     xs = jax.random.normal(jax.random.key(1), (n, d))
     field = lambda z: diffusion.ode_drift(score, sde, z, t)
+    split = lambda x: likelihood._field_and_divergence(score, sde, t, "exact", None)(x)
     fns = {"score": (lambda xs: jax.vmap(field)(xs), (xs,)),
-           "exact": (lambda xs: jax.vmap(likelihood.divergence_fn(field, "exact"))(xs), (xs,))}
+           "exact": (lambda xs: jax.vmap(likelihood.divergence_fn(field, "exact"))(xs), (xs,)),
+           "exact_split": (lambda xs: jax.vmap(split)(xs), (xs,))}
     if by_hand is not None:
         fns["exact_by_hand"] = (lambda xs: jax.vmap(lambda x: by_hand(sde, x, t))(xs), (xs,))
     for k in probes:
@@ -181,6 +183,56 @@ def per_evaluation(name: str, score, d: int, n: int, probes, reps: int, by_hand=
     return rows
 
 
+DIVERGENCE_NET = (784, 256, 256, 784)  # a tanh score network s: (784,) -> (784,)
+
+
+def divergence_table(n: int, reps: int) -> list[dict]:
+    """The exact divergence tr ∂s/∂x of a DIVERGENCE_NET tanh score, batch n, no parameter gradient:
+      forward    `jsm.forward.divergence_batch(s)`: the first-layer seed (h = 256 directions q_j, W_1 = QR)
+                 and the last layer's contraction (Σ_j (W_3 q_j) · ∂a/∂q_j, never the (n, h, d) Jacobian)
+      forward_I  the same with the d rows of I (`_reduce=False`): the contraction only, the seed off
+      vmapped    `jax.vmap(jsm.divergence(s))` (custom_vmap: the batched path)
+      jacfwd     the trace of `jax.jacfwd(s)`, vmapped
+    timed in one process, interleaved rep by rep (median, min), with XLA's compiled flops and memory."""
+    sizes = DIVERGENCE_NET
+    keys = jax.random.split(jax.random.key(7), len(sizes) - 1)
+    params = [(jax.random.normal(k, (a, b)) / math.sqrt(a), jnp.full((b,), 0.1)) for k, a, b in
+              zip(keys, sizes[:-1], sizes[1:])]
+
+    def score(params, x):
+        for w, b in params[:-1]:
+            x = jnp.tanh(x @ w + b)
+        return x @ params[-1][0] + params[-1][1]
+
+    s = lambda p: (lambda x: score(p, x))
+    fns = {"forward": lambda p, xs: jsm.forward.divergence_batch(s(p))(xs)[1],
+           "forward_I": lambda p, xs: jsm.forward.divergence_batch(s(p), _reduce=False)(xs)[1],
+           "vmapped": lambda p, xs: jax.vmap(jsm.divergence(s(p)))(xs),
+           "jacfwd": lambda p, xs: jax.vmap(lambda x: jnp.trace(jax.jacfwd(s(p))(x)))(xs)}
+    xs = jax.random.normal(jax.random.key(1), (n, sizes[0]))
+    compiled = {k: jax.jit(f).lower(params, xs).compile() for k, f in fns.items()}
+    outs = {k: np.asarray(c(params, xs)) for k, c in compiled.items()}
+    for k, out in outs.items():  # the same trace by every route
+        np.testing.assert_allclose(out, outs["jacfwd"], rtol=1e-3, atol=1e-3 * np.max(np.abs(outs["jacfwd"])))
+    times = {k: [] for k in compiled}
+    for _ in range(reps):
+        for k, c in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(c(params, xs))
+            times[k].append(time.perf_counter() - t0)
+    load = load_average()
+    rows = []
+    for k, c in compiled.items():
+        med, low = statistics.median(times[k]), min(times[k])
+        mem = c.memory_analysis()
+        rows.append({"net": "-".join(map(str, sizes)) + " tanh", "n": n, "method": k, "ms": 1e3 * med,
+                     "ms_min": 1e3 * low, "x_jacfwd": statistics.median(times["jacfwd"]) / med,
+                     "x_jacfwd_min": min(times["jacfwd"]) / low, "gflop": cost(c)["flops"] / 1e9,
+                     "MB": (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20,
+                     "load": load})
+    return rows
+
+
 def timed(fn, reps: int) -> tuple[float, object]:
     out = jax.block_until_ready(fn())  # compiles
     times = []
@@ -202,8 +254,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--eval-batch", default="1,8", help="batch sizes n of the per-evaluation table")
     parser.add_argument("--mnist-net", action=argparse.BooleanOptionalAction, default=True,
                         help="also the per-evaluation table of experiments/mnist.py's score network at d = 784")
+    parser.add_argument("--divergence-batch", type=int, default=64,
+                        help="batch of the divergence table (the 784-256-256-784 tanh score; 0 for none)")
+    parser.add_argument("--divergence-reps", type=int, default=7)
     parser.add_argument("--out", default="runs/bench/likelihood_cost.json")
     args = parser.parse_args(argv)
+    divergence = divergence_table(args.divergence_batch, args.divergence_reps) if args.divergence_batch else []
+    if divergence:
+        print("The exact divergence of a score network, no parameter gradient; one process, interleaved reps; "
+              "x_jacfwd > 1: faster than jacfwd's trace:")
+        print(table(divergence, ["net", "n", "method", "ms", "ms_min", "x_jacfwd", "x_jacfwd_min", "gflop", "MB",
+                                 "load"]), flush=True)
     sde = jsm.sde.VPSDE()
     rows = []
     for d, n, n_keys in zip(map(int, args.dims.split(",")), map(int, args.examples.split(",")),
@@ -280,7 +341,7 @@ def main(argv=None) -> list[dict]:
                   f"Jacobian (nor the identity seed) {r['mflops_per_example']:.2f} MFLOP, "
                   f"{e['ms_per_example'] / r['ms_per_example']:.1f}x faster")
     save(args.out, rows, score_hidden=HIDDEN, sde="VPSDE", target_bpd=TARGET_BPD, first_k_under_target=summary,
-         per_evaluation=evals)
+         per_evaluation=evals, divergence=divergence)
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -15,6 +16,15 @@ def machine() -> dict:
     device = jax.devices()[0]
     return {"device": device.device_kind, "platform": device.platform, "n_devices": jax.device_count(),
             "cpu": platform.processor() or platform.machine(), "jax": jax.__version__}
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages (what `uptime` prints), e.g. "1.52 1.20 0.98": other
+    processes on the cores, to be reported beside every time measured on a shared machine."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # not available on this platform
+        return "n/a"
 
 
 def time_call(fn, *args, reps: int = 5) -> float:

@@ -4,7 +4,11 @@ An MLP energy f_θ (3 hidden layers of 128, softplus), batch 256. Each method co
 one training step's loss and its gradient with respect to θ:
 
   forward          exact ISM of the energy, `jsm.objectives.ism_energy(f, xs)` (the default "auto"):
-                   one second-order forward jet of f, the batch folded into its matrix products
+                   one second-order forward jet of f, the batch folded into its matrix products; where d
+                   exceeds the first layer's width h, along the h columns of Q (W_1 = QR, the first-layer
+                   seed: ∇_x f = Q ∇_u f, Δ_x f = Δ_u f)
+  forward_I        (only where d > h) the same loss by the jet along the d rows of I (`_reduce=False`): the
+                   path before the seed, for the before/after ratio
   jacfwd, jacrev   exact ISM, 1/2 |∇f|² - Δf, by `ism_energy(f, xs, method=...)`
   score_of         exact ISM of the score as an opaque vector field, `ism(jsm.score_of(f), xs)`:
                    a first-order jet of -∇f's graph (what the energy path saves)
@@ -26,7 +30,8 @@ energy above (batch 256) and a wide one (tanh, d -> 768-768-512-512 -> 1, batch 
   folx       `jax.vmap(folx.forward_laplacian(f))(xs).laplacian`
   jacfwd     `jax.vmap(jsm.laplacian(f, method="jacfwd"))(xs)`
 and the divergence of a score network (first-order jet; the likelihood's trace): forward
-(`jsm.forward.divergence_batch`), vmapped (`jax.vmap(jsm.divergence(s, "forward"))`), jacfwd.
+(`jsm.forward.divergence_batch`: the first-layer seed where d > h, and the last layer's contraction),
+forward_I (d > h: the d rows of I), vmapped (`jax.vmap(jsm.divergence(s, "forward"))`), jacfwd.
 All methods of one row are timed in ONE process, interleaved rep by rep (median and min of
 the reps), so that the ratios hold on a shared machine.
 
@@ -44,7 +49,10 @@ timed too, the like-for-like ratio. Then the training step of Kingma & LeCun's r
 value_and_grad of `ism_energy(f, xs, hessian_penalty=0.1)`, against the plain ISM step. The goal
 set for the diagonal was at most 1.5x the Laplacian's time; the table says what it is.
 
-Reported: milliseconds per step, the ratio to DSM, and the ratio to a FLOP lower bound
+The methods of one d are compiled once and timed in one process, interleaved rep by rep (median and
+min), beside XLA's compiled flops (`cost_analysis()`) and memory (temporaries + arguments + outputs)
+and the machine's load average. Reported: milliseconds per step, the speed-up over jacfwd and folx
+(> 1: faster), the ratio to DSM, and the ratio to a FLOP lower bound
 of an exact Laplacian at the machine's measured matmul throughput. The bound counts the
 dense products any exact method must do: the value (2 b (d h + 2 h² + h)) and the d
 Jacobian columns through the two h x h layers (2 b d · 2 h²), times 3 for the gradient.
@@ -64,7 +72,7 @@ from flax import nnx
 
 import jsm
 from jsm import nets, objectives, scores
-from timing import matmul_flops_per_second, save, table, time_call
+from timing import load_average, matmul_flops_per_second, save, table, time_call
 
 HIDDEN, BATCH = (128, 128, 128), 256
 
@@ -77,10 +85,17 @@ def folx_laplacian(energy):
     return lambda x: folx.forward_laplacian(energy)(x).laplacian
 
 
+def ism_energy_d_rows(energy, xs):
+    """ism_energy's loss, 1/2 |∇f|² - Δf, by the forward jet along the d rows of I: the first-layer seed off."""
+    jet = jsm.forward.forward_jet_batch(energy, _reduce=False)(xs)
+    return jnp.mean(0.5 * jnp.sum(jet.jacobian**2, axis=-1) - jet.laplacian)
+
+
 def losses(apply, d: int):
     score = lambda p: (lambda x: -jax.grad(lambda y: apply(p, y))(x))
     out = {
         "forward": lambda p, k, xs: objectives.ism_energy(lambda x: apply(p, x), xs, method="forward"),
+        **({"forward_I": lambda p, k, xs: ism_energy_d_rows(lambda x: apply(p, x), xs)} if d > HIDDEN[0] else {}),
         "jacfwd": lambda p, k, xs: objectives.ism_energy(lambda x: apply(p, x), xs, method="jacfwd"),
         "jacrev": lambda p, k, xs: objectives.ism_energy(lambda x: apply(p, x), xs, method="jacrev"),
         "score_of": lambda p, k, xs: objectives.ism(jsm.score_of(lambda x: apply(p, x)), xs, method="forward"),
@@ -104,7 +119,7 @@ def score_net_losses(apply):
             for m in ("forward", "jacfwd", "jacrev")}
 
 
-EXACT = ("forward", "jacfwd", "jacrev", "score_of", "folx")
+EXACT = ("forward", "forward_I", "jacfwd", "jacrev", "score_of", "folx")
 
 
 def lower_bound_flops(d: int, h: int = 128) -> float:
@@ -144,10 +159,12 @@ def inference_laplacians(apply, reduced: bool = False) -> dict:
 
 
 def inference_divergences(apply, reduced: bool = False) -> dict:
-    """The divergence methods (`reduced` unused: a divergence keeps the d rows of I)."""
+    """The divergence methods; `reduced` (d > the first layer's width) adds forward_I, the d rows of I."""
     field = lambda p: (lambda x: apply(p, x))
     return {
         "forward": lambda p, xs: jsm.forward.divergence_batch(field(p))(xs)[1],
+        **({"forward_I": lambda p, xs: jsm.forward.divergence_batch(field(p), _reduce=False)(xs)[1]}
+           if reduced else {}),
         "vmapped": lambda p, xs: jax.vmap(jsm.divergence(field(p), method="forward"))(xs),
         "jacfwd": lambda p, xs: jax.vmap(jsm.divergence(field(p), method="jacfwd"))(xs),
     }
@@ -177,6 +194,20 @@ def inference_table(dims, reps: int) -> list[dict]:
                 rows.append(row)
             print(f"{net} d={d}: " + ", ".join(f"{k} {1e3 * v[0]:.2f} ms" for k, v in times.items()), flush=True)
     return rows
+
+
+def compiled_flops(compiled) -> float:
+    """XLA's flop count of a compiled function (`cost_analysis()`: a dict, or a list of them)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def compiled_megabytes(compiled) -> float:
+    """XLA's compiled memory of a compiled function: temporaries + arguments + outputs, MB."""
+    m = compiled.memory_analysis()
+    return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20
 
 
 def compiled_bytes(fn, *args) -> float:
@@ -263,14 +294,19 @@ def main(argv=None) -> list[dict]:
     for d in dims(args.dims):
         apply, params = nets.pure(nets.MLPEnergy(d, HIDDEN, rngs=nnx.Rngs(0)))
         xs = jax.random.normal(jax.random.key(0), (BATCH, d))
-        times = {name: time_call(jax.jit(jax.value_and_grad(loss)), params, key, xs, reps=args.reps)
+        steps = {name: jax.jit(jax.value_and_grad(loss)).lower(params, key, xs).compile()
                  for name, loss in losses(apply, d).items()}
+        times = interleaved(steps, params, key, xs, reps=args.reps)
         bound = lower_bound_flops(d) / throughput
-        for name, t in times.items():
-            rows.append({"net": "energy", "d": d, "method": name, "ms": 1e3 * t, "x_dsm": t / times["dsm"],
-                         "x_jacfwd": t / times["jacfwd"],
-                         "x_flop_bound": t / bound if name in EXACT else float("nan")})
-        print(f"d={d}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items()), flush=True)
+        load = load_average()
+        for name, (t, t_min) in times.items():
+            rows.append({"net": "energy", "d": d, "method": name, "ms": 1e3 * t, "ms_min": 1e3 * t_min,
+                         "x_dsm": t / times["dsm"][0], "x_jacfwd": times["jacfwd"][0] / t,
+                         **({"x_folx": times["folx"][0] / t, "x_folx_min": times["folx"][1] / t_min}
+                            if "folx" in times else {}),
+                         "gflop": compiled_flops(steps[name]) / 1e9, "MB": compiled_megabytes(steps[name]),
+                         "x_flop_bound": t / bound if name in EXACT else float("nan"), "load": load})
+        print(f"d={d} (load {load}): " + ", ".join(f"{k} {1e3 * v[0]:.2f} ms" for k, v in times.items()), flush=True)
     for d in (map(int, args.score_net_dims.split(",")) if args.score_net_dims else ()):
         apply, params = nets.pure(nets.MLPScore(d, HIDDEN, rngs=nnx.Rngs(0)))
         xs = jax.random.normal(jax.random.key(0), (BATCH, d))
@@ -279,8 +315,11 @@ def main(argv=None) -> list[dict]:
         for name, t in times.items():
             rows.append({"net": "score", "d": d, "method": name, "ms": 1e3 * t, "x_jacfwd": t / times["jacfwd"],
                          "auto": name == scores.resolve_method("auto")})
-    print("ISM loss + parameter gradient, MLP energy f_θ (score -∇f_θ):")
-    print(table([r for r in rows if r["net"] == "energy"], ["d", "method", "ms", "x_dsm", "x_jacfwd", "x_flop_bound"]))
+    print("ISM loss + parameter gradient, MLP energy f_θ (score -∇f_θ); one process, interleaved reps; x_jacfwd,"
+          " x_folx > 1: faster than them; gflop and MB from XLA's compiled cost and memory analyses:")
+    print(table([r for r in rows if r["net"] == "energy"], ["d", "method", "ms", "ms_min", "x_jacfwd", "x_folx",
+                                                            "x_folx_min", "gflop", "MB", "x_dsm", "x_flop_bound",
+                                                            "load"]))
     if args.score_net_dims:
         print("\nISM loss + parameter gradient, score network s_θ:")
         print(table([r for r in rows if r["net"] == "score"], ["d", "method", "ms", "x_jacfwd", "auto"]))
