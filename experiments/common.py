@@ -1,4 +1,4 @@
-"""What the experiment scripts share: the 8-mode ring, noise schedules, evaluation callbacks.
+"""What the experiment scripts share: the 8-mode ring, noise schedules, evaluation callbacks, quick sizes.
 
 The scripts import this module (and each other) by name: run as `python experiments/<name>.py`,
 Python puts experiments/ first on the module path, and pytest does the same through
@@ -7,12 +7,15 @@ Python puts experiments/ first on the module path, and pytest does the same thro
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from jsm import targets, train
+
+C = TypeVar("C")
 
 
 def ring(scale: float = 0.3, n_modes: int = 8, radius: float = 2.0) -> targets.GaussianMixture:
@@ -32,3 +35,12 @@ def evaluations(name: str, steps: int, n: int, fn: Callable[[train.TrainState], 
     exactly the numbers of an uninterrupted one.
     """
     return train.Callback(name, max(1, -(-steps // n)), fn)
+
+
+def with_quick_sizes(config: C, quick: dict) -> C:
+    """With `config.quick`, `quick`'s value for every field of `config` still at its full default
+    (a size given on the command line is kept)."""
+    if not config.quick:
+        return config
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: v for k, v in quick.items() if getattr(config, k) == defaults[k]})

@@ -73,7 +73,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,6 +89,7 @@ from jsm import data, nets, objectives, plot, runs, samplers
 
 import common
 import digits
+from bench.timing import interleaved  # experiments/bench/: the benchmarks' timing helpers
 
 D = 64  # 8 x 8 pixels
 EVAL = "eval"  # the callback's name
@@ -128,10 +128,7 @@ QUICK = dict(n_train=60, hidden=(32, 32), steps=40, batch_size=30, penalties=(0.
 
 def resolve(config: Config) -> Config:
     """With `quick`, QUICK's value for every field still at its full default."""
-    if not config.quick:
-        return config
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    return dataclasses.replace(config, **{k: v for k, v in QUICK.items() if getattr(config, k) == defaults[k]})
+    return common.with_quick_sizes(config, QUICK)
 
 
 # --- the methods ------------------------------------------------------------------------
@@ -351,19 +348,6 @@ def gaussian_fit(config: Config, x_train: jax.Array):
 # --- curvature backprop against the exact diagonal --------------------------------------
 
 
-def interleaved_ms(fns: dict, *args, reps: int) -> dict:
-    """{name: median ms}, each fn compiled first, then timed rep by rep in turn."""
-    for fn in fns.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
-
 def curvature_backprop_check(config: Config, apply, trained: dict, init_params, sets: Digits) -> dict:
     """D̃ (`curvature_backprop`) against the exact D (`jsm.forward.hessian_diagonal_batch`) for every model:
     |D̃ - D| / |D| over all points and pixels, and the mean penalties Σ_k D_k², Σ_k D̃_k², on the training and
@@ -380,7 +364,8 @@ def curvature_backprop_check(config: Config, apply, trained: dict, init_params, 
                        "mean_sum_sq_approximate": float(jnp.mean(jnp.sum(a[i] ** 2, -1)))}
                 for part, i in parts.items()}
 
-    ms = interleaved_ms({"exact": exact, "approximate": approx}, init_params, xs, reps=config.timing_reps)
+    ms = {name: 1e3 * median for name, (median, _) in
+          interleaved({"exact": exact, "approximate": approx}, init_params, xs, reps=config.timing_reps).items()}
     return {"models": {k: compare(p) for k, p in {"initialisation": init_params, **trained}.items()},
             "exact_ms": ms["exact"], "approximate_ms": ms["approximate"], "speedup": ms["exact"] / ms["approximate"],
             "n_timed_points": int(xs.shape[0])}

@@ -195,10 +195,7 @@ QUICK = dict(
 
 def resolve(config: Config) -> Config:
     """With `quick`, QUICK's value for every field still at its full default."""
-    if not config.quick:
-        return config
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    return dataclasses.replace(config, **{k: v for k, v in QUICK.items() if getattr(config, k) == defaults[k]})
+    return common.with_quick_sizes(config, QUICK)
 
 
 # --- data ---------------------------------------------------------------------------------

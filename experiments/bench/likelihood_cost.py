@@ -52,7 +52,7 @@ import numpy as np
 
 import jsm
 from jsm import diffusion, likelihood
-from timing import load_average, save, table
+from timing import compiled_cost, compiled_megabytes, interleaved, load_average, save, table
 
 HIDDEN = (64, 64)
 MNIST_HIDDEN = (256, 256)  # experiments/mnist.py's likelihood network
@@ -89,16 +89,6 @@ def steps_per_example(score, sde, xs, trace: str, key=None, n_probes: int = 1) -
     """The solver's (num_steps, num_fevals) per example, from the very solve `log_prob` runs (same probes)."""
     *_, info = likelihood.flow_to_prior(score, sde, xs, trace=trace, key=key, n_probes=n_probes, info=True)
     return np.asarray(info.num_steps), np.asarray(info.num_fevals)
-
-
-def cost(compiled) -> dict:
-    """flops and bytes accessed from XLA's cost analysis of a compiled function (a dict, or a list of them)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    analysis = analysis or {}
-    return {"flops": float(analysis.get("flops", float("nan"))),
-            "bytes": float(analysis.get("bytes accessed", float("nan")))}
 
 
 def exact_by_hand(params, sde, x, t):
@@ -167,7 +157,7 @@ def per_evaluation(name: str, score, d: int, n: int, probes, reps: int, by_hand=
         compiled = jax.jit(fn).lower(*args).compile()
         seconds, out = timed(lambda: compiled(*args), reps)
         outputs[what] = out
-        c = cost(compiled)
+        c = compiled_cost(compiled)
         rows.append({"net": name, "d": d, "what": what, "n": n, "ms_per_example": 1e3 * seconds / n,
                      "mflops_per_example": c["flops"] / n / 1e6, "mbytes_per_example": c["bytes"] / n / 1e6})
         if what == "exact" and layers is not None:
@@ -214,22 +204,14 @@ def divergence_table(n: int, reps: int) -> list[dict]:
     outs = {k: np.asarray(c(params, xs)) for k, c in compiled.items()}
     for k, out in outs.items():  # the same trace by every route
         np.testing.assert_allclose(out, outs["jacfwd"], rtol=1e-3, atol=1e-3 * np.max(np.abs(outs["jacfwd"])))
-    times = {k: [] for k in compiled}
-    for _ in range(reps):
-        for k, c in compiled.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(c(params, xs))
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved(compiled, params, xs, reps=reps)
     load = load_average()
     rows = []
     for k, c in compiled.items():
-        med, low = statistics.median(times[k]), min(times[k])
-        mem = c.memory_analysis()
+        (med, low), (jac_med, jac_low) = times[k], times["jacfwd"]
         rows.append({"net": "-".join(map(str, sizes)) + " tanh", "n": n, "method": k, "ms": 1e3 * med,
-                     "ms_min": 1e3 * low, "x_jacfwd": statistics.median(times["jacfwd"]) / med,
-                     "x_jacfwd_min": min(times["jacfwd"]) / low, "gflop": cost(c)["flops"] / 1e9,
-                     "MB": (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20,
-                     "load": load})
+                     "ms_min": 1e3 * low, "x_jacfwd": jac_med / med, "x_jacfwd_min": jac_low / low,
+                     "gflop": compiled_cost(c)["flops"] / 1e9, "MB": compiled_megabytes(c), "load": load})
     return rows
 
 

@@ -38,6 +38,35 @@ def time_call(fn, *args, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict, *args, reps: int = 7) -> dict:
+    """{name: (median s, min s)} of each fn(*args), compiled first, then timed rep by rep in turn."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def compiled_cost(compiled) -> dict:
+    """flops and bytes accessed from XLA's cost analysis of a compiled function (a dict, or a list of them)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    return {"flops": float(analysis.get("flops", float("nan"))),
+            "bytes": float(analysis.get("bytes accessed", float("nan")))}
+
+
+def compiled_megabytes(compiled) -> float:
+    """XLA's compiled memory of a compiled function: temporaries + arguments + outputs, MB."""
+    m = compiled.memory_analysis()
+    return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20
+
+
 def matmul_flops_per_second(n: int = 2048) -> float:
     """Measured float32 matmul throughput of the default device."""
     a = jax.random.normal(jax.random.key(0), (n, n))

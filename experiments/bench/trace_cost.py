@@ -63,8 +63,6 @@ Jacobian columns through the two h x h layers (2 b d · 2 h²), times 3 for the 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +70,8 @@ from flax import nnx
 
 import jsm
 from jsm import nets, objectives, scores
-from timing import load_average, matmul_flops_per_second, save, table, time_call
+from timing import (compiled_cost, compiled_megabytes, interleaved, load_average, matmul_flops_per_second, save,
+                    table, time_call)
 
 HIDDEN, BATCH = (128, 128, 128), 256
 
@@ -131,19 +130,6 @@ def lower_bound_flops(d: int, h: int = 128) -> float:
 WIDE, WIDE_BATCH = (768, 768, 512, 512), 64
 
 
-def interleaved(fns: dict, *args, reps: int = 7) -> dict:
-    """{name: (median s, min s)} of each fn(*args), compiled first, then timed rep by rep in turn."""
-    for fn in fns.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
-
-
 def inference_laplacians(apply, reduced: bool = False) -> dict:
     """The Laplacian-only methods; `reduced` (d > the first layer's width) adds forward_I."""
     energy = lambda p: (lambda x: apply(p, x))
@@ -196,25 +182,6 @@ def inference_table(dims, reps: int) -> list[dict]:
     return rows
 
 
-def compiled_flops(compiled) -> float:
-    """XLA's flop count of a compiled function (`cost_analysis()`: a dict, or a list of them)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", float("nan")))
-
-
-def compiled_megabytes(compiled) -> float:
-    """XLA's compiled memory of a compiled function: temporaries + arguments + outputs, MB."""
-    m = compiled.memory_analysis()
-    return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20
-
-
-def compiled_bytes(fn, *args) -> float:
-    m = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
-
-
 def memory_table(dims, reps: int, chunk: int = 128) -> list[dict]:
     rows = []
     for d in dims:
@@ -228,13 +195,13 @@ def memory_table(dims, reps: int, chunk: int = 128) -> list[dict]:
             laps["folx"] = lambda p, xs: jax.vmap(folx_laplacian(energy(p)))(xs)
         fns = {**{k: f for k, f in laps.items()},
                **{k + " +grad": jax.grad(lambda p, xs, f=f: jnp.mean(f(p, xs))) for k, f in laps.items()}}
-        mem = {k: compiled_bytes(f, params, xs) for k, f in fns.items()}
+        mem = {k: compiled_megabytes(jax.jit(f).lower(params, xs).compile()) for k, f in fns.items()}
         times = interleaved({k: jax.jit(f) for k, f in fns.items()}, params, xs, reps=reps)
         for name in fns:
             base = "forward +grad" if name.endswith("+grad") else "forward"
-            rows.append({"d": d, "what": name, "MB": mem[name] / 2**20, "x_forward_MB": mem[name] / mem[base],
+            rows.append({"d": d, "what": name, "MB": mem[name], "x_forward_MB": mem[name] / mem[base],
                          "ms": 1e3 * times[name][0], "x_forward_time": times[name][0] / times[base][0]})
-        print(f"memory d={d}: " + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in mem.items()), flush=True)
+        print(f"memory d={d}: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items()), flush=True)
     return rows
 
 
@@ -255,12 +222,12 @@ def diagonal_table(dims, reps: int, lam: float = 0.1) -> list[dict]:
             f"ism step λ={lam:g}": jax.value_and_grad(
                 lambda p, xs: objectives.ism_energy(energy(p), xs, hessian_penalty=lam)),
         }
-        mem = {k: compiled_bytes(f, params, xs) for k, f in fns.items()}
+        mem = {k: compiled_megabytes(jax.jit(f).lower(params, xs).compile()) for k, f in fns.items()}
         times = interleaved({k: jax.jit(f) for k, f in fns.items()}, params, xs, reps=reps)
         for name in fns:
             base = "ism step" if name.startswith("ism step") else "laplacian"
             row = {"d": d, "what": name, "ms": 1e3 * times[name][0], "ms_min": 1e3 * times[name][1],
-                   "MB": mem[name] / 2**20, "vs": base, "x_time": times[name][0] / times[base][0],
+                   "MB": mem[name], "vs": base, "x_time": times[name][0] / times[base][0],
                    "x_time_min": times[name][1] / times[base][1], "x_MB": mem[name] / mem[base]}
             if name == "diagonal" and "laplacian_I" in times:
                 row["x_time_vs_I"] = times[name][0] / times["laplacian_I"][0]
@@ -304,7 +271,7 @@ def main(argv=None) -> list[dict]:
                          "x_dsm": t / times["dsm"][0], "x_jacfwd": times["jacfwd"][0] / t,
                          **({"x_folx": times["folx"][0] / t, "x_folx_min": times["folx"][1] / t_min}
                             if "folx" in times else {}),
-                         "gflop": compiled_flops(steps[name]) / 1e9, "MB": compiled_megabytes(steps[name]),
+                         "gflop": compiled_cost(steps[name])["flops"] / 1e9, "MB": compiled_megabytes(steps[name]),
                          "x_flop_bound": t / bound if name in EXACT else float("nan"), "load": load})
         print(f"d={d} (load {load}): " + ", ".join(f"{k} {1e3 * v[0]:.2f} ms" for k, v in times.items()), flush=True)
     for d in (map(int, args.score_net_dims.split(",")) if args.score_net_dims else ()):
